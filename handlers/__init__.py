@@ -1,0 +1,70 @@
+"""Built-in handlers and the registry that merges them with handlers defined in TOML."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from handlers.base import HandlerSpec, TemplateError, template_fields
+from handlers.builtin import builtin_definitions
+
+__all__ = ["HandlerSpec", "TemplateError", "build_registry", "template_fields"]
+
+HANDLER_KEYS = frozenset(
+    {
+        "model",
+        "endpoint",
+        "system",
+        "prompt",
+        "output",
+        "max_output_tokens",
+        "temperature",
+        "strict",
+        "dimensions",
+    }
+)
+
+
+class HandlerConfigError(ValueError):
+    """A handler table in the config is unusable; ``key`` names it (``handlers.gist.prompt``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def build_registry(
+    overrides: Mapping[str, Mapping[str, Any]], *, chat_model: str, embedding_model: str
+) -> dict[str, HandlerSpec]:
+    """Built-ins, then each ``[handlers.NAME]`` table merged over the built-in of that name
+    (or over plain chat defaults for a new handler)."""
+    definitions = builtin_definitions(chat_model, embedding_model)
+    names = list(definitions) + [n for n in overrides if n not in definitions]
+    registry: dict[str, HandlerSpec] = {}
+    for name in names:
+        base = dict(definitions.get(name, {"model": chat_model}))
+        table = dict(overrides.get(name, {}))
+        unknown = sorted(set(table) - HANDLER_KEYS)
+        if unknown:
+            raise HandlerConfigError(f"handlers.{name}.{unknown[0]}", "unknown key")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise HandlerConfigError(
+                f"handlers.{name}", "a handler name is letters, digits, '-' and '_' only"
+            )
+        if (
+            name in overrides
+            and "output" in table
+            and table["output"] != "text"
+            and not isinstance(table["output"], dict)
+        ):
+            raise HandlerConfigError(f"handlers.{name}.output", 'must be "text" or a JSON Schema table')
+        if table.get("endpoint") == "/v1/embeddings" and name not in definitions:
+            base.pop("output", None)
+        base.update(table)
+        try:
+            registry[name] = HandlerSpec(name=name, **base)
+        except TemplateError as exc:
+            raise HandlerConfigError(f"handlers.{name}.prompt", str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise HandlerConfigError(f"handlers.{name}", str(exc).splitlines()[0]) from None
+    return registry

@@ -1,0 +1,164 @@
+"""What a handler is: a pure recipe that turns an item into a provider request body and
+the provider's answer back into a result.
+
+The same body goes to the synchronous endpoint and into a Batch API JSONL line, and the
+same ``parse`` reads a sync response or a batch output line, so both routes give the same
+result for the same item.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jsonschema
+
+from service.core.errors import BadItemError, InvalidOutputError
+from service.core.items import Item
+
+Endpoint = Literal["/v1/chat/completions", "/v1/embeddings"]
+
+
+class TemplateError(ValueError):
+    """A prompt template that cannot be used (bad braces, positional fields)."""
+
+
+def template_fields(template: str) -> frozenset[str]:
+    """The placeholder names of a ``str.format`` template; raises :class:`TemplateError`."""
+    names: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise TemplateError(f"bad template: {exc}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise TemplateError(f"placeholder {{{name}}} must be a plain name such as {{text}} or {{title}}")
+        if spec or conversion:
+            raise TemplateError(f"placeholder {{{name}}} may not carry a format spec or conversion")
+        names.add(name)
+    return frozenset(names)
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One handler. ``output`` is ``"text"`` or a JSON Schema (an object schema)."""
+
+    name: str
+    model: str
+    endpoint: Endpoint = "/v1/chat/completions"
+    system: str | None = None
+    prompt: str = "{text}"
+    output: str | dict[str, Any] = "text"
+    max_output_tokens: int = 512
+    temperature: float | None = None
+    strict: bool = True
+    dimensions: int | None = None
+
+    def __post_init__(self) -> None:
+        template_fields(self.prompt)
+        if isinstance(self.output, dict):
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.output)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"output is not a valid JSON Schema: {exc.message}") from None
+        elif self.output != "text":
+            raise ValueError('output must be "text" or a JSON Schema table')
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.endpoint == "/v1/embeddings"
+
+    def render_prompt(self, item: Item) -> str:
+        """Fill the template from ``text`` and ``fields``; a missing field is a bad item."""
+        values = {**item.fields, "text": item.text}
+        missing = sorted(template_fields(self.prompt) - values.keys())
+        if missing:
+            raise BadItemError(
+                "missing_template_field",
+                f"handler {self.name!r} needs field(s) {', '.join(missing)} in 'fields'",
+            )
+        return self.prompt.format_map(values)
+
+    def build_body(self, item: Item, *, max_tokens_param: str = "max_completion_tokens") -> dict[str, Any]:
+        """The request body for the provider (sync call or batch line)."""
+        if self.is_embedding:
+            body: dict[str, Any] = {"model": self.model, "input": self.render_prompt(item)}
+            if self.dimensions is not None:
+                body["dimensions"] = self.dimensions
+            return body
+        messages: list[dict[str, str]] = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        messages.append({"role": "user", "content": self.render_prompt(item)})
+        body = {"model": self.model, "messages": messages, max_tokens_param: self.max_output_tokens}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if isinstance(self.output, dict):
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": _schema_name(self.name),
+                    "schema": self.output,
+                    "strict": self.strict,
+                },
+            }
+        return body
+
+    def parse(self, response: dict[str, Any]) -> Any:
+        """Read a provider response body into this handler's result, or raise InvalidOutputError."""
+        if self.is_embedding:
+            return _parse_embedding(response)
+        choices = response.get("choices") or []
+        if not choices:
+            raise InvalidOutputError("invalid_output", "the response has no choices")
+        choice = choices[0]
+        message = choice.get("message") or {}
+        if message.get("refusal"):
+            raise InvalidOutputError("refused", f"the model refused: {str(message['refusal'])[:200]}")
+        content = message.get("content")
+        finish = choice.get("finish_reason")
+        if not isinstance(content, str):
+            raise InvalidOutputError("invalid_output", "the response has no text content")
+        if self.output == "text":
+            if finish == "length" and not content.strip():
+                raise InvalidOutputError("output_truncated", "the answer was cut off before any text")
+            return content.strip()
+        return self._parse_json(content, finish)
+
+    def _parse_json(self, content: str, finish: str | None) -> Any:
+        try:
+            value = json.loads(content)
+        except json.JSONDecodeError as exc:
+            if finish == "length":
+                raise InvalidOutputError(
+                    "output_truncated", f"the answer hit max_output_tokens={self.max_output_tokens}"
+                ) from None
+            raise InvalidOutputError("invalid_output", f"the answer is not JSON: {exc.msg}") from None
+        assert isinstance(self.output, dict)
+        errors = sorted(jsonschema.Draft202012Validator(self.output).iter_errors(value), key=str)
+        if errors:
+            where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+            raise InvalidOutputError(
+                "invalid_output", f"the answer does not match the schema at {where}: {errors[0].message}"
+            )
+        return value
+
+
+def _schema_name(name: str) -> str:
+    # The API wants ^[a-zA-Z0-9_-]{1,64}$ for json_schema.name.
+    clean = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+    return clean[:64] or "result"
+
+
+def _parse_embedding(response: dict[str, Any]) -> dict[str, Any]:
+    data = response.get("data") or []
+    if not data or not isinstance(data[0], dict):
+        raise InvalidOutputError("invalid_output", "the embeddings response has no data")
+    vector = data[0].get("embedding")
+    if not isinstance(vector, list) or not all(isinstance(x, int | float) for x in vector):
+        raise InvalidOutputError("invalid_output", "the embedding is not a list of numbers")
+    return {"embedding": [float(x) for x in vector], "dimensions": len(vector)}

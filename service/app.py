@@ -1,0 +1,205 @@
+"""The composition root: builds NATS (embedded or remote), the provider (real or the
+built-in emulator), the pipeline and the sources, owns the tasks, signals and the
+shutdown order. Nothing else in the daemon starts or stops anything."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from faststream.nats import NatsBroker
+
+from service.core.retry import RetryPolicy
+from service.core.routing import RoutingRules
+from service.health import HealthServer
+from service.nats_embedded import EmbeddedNats
+from service.natsconn import broker_security, servers
+from service.pipeline import Pipeline, PipelineConfig
+from service.providers.openai_sync import OpenAISyncProvider
+from service.settings import Settings
+from service.sinks.events import EventSink, Redactor
+from service.sources.nats_source import NatsSource
+from service.state.results import ResultStore
+from service.state.streams import ensure_results_bucket, ensure_streams
+from service.subjects import Subjects
+
+log = logging.getLogger("enrichd")
+
+
+class Daemon:
+    """One enrichd process. ``await start()``, then ``await stop()`` (or :meth:`run`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.nats.subject_prefix)
+        self.redact = Redactor(settings.secrets())
+        self.nats_url = settings.nats.url or ""
+        self.provider_url: str | None = settings.openai.base_url
+        self._embedded: EmbeddedNats | None = None
+        self._emulator: Any = None
+        self._broker: NatsBroker | None = None
+        self._provider: OpenAISyncProvider | None = None
+        self._source: NatsSource | None = None
+        self._health: HealthServer | None = None
+        self.pipeline: Pipeline | None = None
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        if s.telemetry.metrics_port:
+            self._health = HealthServer(s.telemetry.metrics_host, s.telemetry.metrics_port, self.is_ready)
+            await self._health.start()
+        if s.nats.embedded:
+            self._embedded = EmbeddedNats(s.state_dir / "nats", port=s.nats.embedded_port)
+            self.nats_url = await self._embedded.start()
+        await self._start_provider()
+        broker = NatsBroker(
+            servers(self.nats_url),
+            security=broker_security(s.nats),
+            graceful_timeout=s.shutdown.grace_s,
+            logger=logging.getLogger("faststream"),
+            name="enrichd",
+        )
+        self._broker = broker
+        await broker.connect()
+        js = broker.config.connection_state.stream
+        await ensure_streams(
+            js,
+            self.subjects,
+            replicas=s.nats.stream_replicas,
+            result_dedup_window_s=s.nats.result_dedup_window_s,
+        )
+        kv = await ensure_results_bucket(
+            js, self.subjects.results_bucket, ttl_s=s.results.ttl_s, replicas=s.nats.stream_replicas
+        )
+        assert self._provider is not None
+        self.pipeline = Pipeline(
+            PipelineConfig(
+                registry=s.registry,
+                rules=RoutingRules(
+                    sync_priorities=frozenset(s.routing.sync_priorities),
+                    max_latency_s=s.batching.max_latency_s,
+                ),
+                retry=RetryPolicy(
+                    max_attempts=s.retry.max_attempts,
+                    base_s=s.retry.base_s,
+                    max_backoff_s=s.retry.max_backoff_s,
+                    max_elapsed_s=s.retry.max_elapsed_s,
+                ),
+                prices=s.price_table,
+                batch_discount=s.batch_discount,
+                max_item_bytes=s.limits.max_item_bytes,
+                max_tokens_param=s.openai.max_tokens_param,
+            ),
+            provider=self._provider,
+            store=ResultStore(kv),
+            sink=EventSink(js, self.subjects, self.redact),
+        )
+        self._source = NatsSource(
+            broker,
+            self.subjects,
+            self.pipeline,
+            self.redact,
+            durable=s.nats.consumer,
+            ack_wait_s=s.nats.ack_wait_s,
+            max_deliver=s.nats.max_deliver,
+            sync_workers=s.openai.max_concurrency,
+        )
+        self._source.register()
+        await broker.start()
+        self.ready.set()
+        log.info(
+            "enrichd ready",
+            extra={
+                "nats": self.nats_url,
+                "nats_embedded": s.nats.embedded,
+                "provider": self.provider_url or "https://api.openai.com/v1",
+                "emulator": self._emulator is not None,
+                "handlers": sorted(s.registry),
+                "startup_s": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def _start_provider(self) -> None:
+        s = self.settings
+        api_key = s.openai.api_key.get_secret_value() if s.openai.api_key else None
+        if s.openai.use_emulator:
+            from service.emulator import Emulator, EmulatorConfig
+
+            self._emulator = Emulator(EmulatorConfig(batch_delay_s=s.emulator.batch_delay_s))
+            self.provider_url = await self._emulator.start(host=s.emulator.host, port=s.emulator.port)
+            api_key = "emulator"
+            log.warning(
+                "no openai.api_key or openai.base_url configured: using the built-in emulator, "
+                "results are SYNTHETIC",
+                extra={"emulator_url": self.provider_url},
+            )
+        self._provider = OpenAISyncProvider(
+            base_url=self.provider_url,
+            api_key=api_key,
+            timeout_s=s.openai.timeout_s,
+            max_concurrency=s.openai.max_concurrency,
+            organization=s.openai.organization,
+            project=s.openai.project,
+        )
+
+    def is_ready(self) -> bool:
+        broker = self._broker
+        return (
+            self.ready.is_set()
+            and not self._stop.is_set()
+            and broker is not None
+            and broker.connection is not None
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, wait for SIGTERM/SIGINT, stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop intake, let in-flight items finish within ``shutdown.grace_s``, then close."""
+        self._stop.set()
+        grace = self.settings.shutdown.grace_s
+        log.info("stopping", extra={"grace_s": grace})
+        left = 0
+        if self._broker is not None:
+            if self._source is not None:
+                # Stop pulling new messages first, then wait for the ones in flight.
+                for sub in list(self._broker.subscribers):
+                    await _quiet(sub.stop())
+                left = await self._source.drain(grace)
+            await _quiet(self._broker.stop())
+            self._broker = None
+        if self._provider is not None:
+            await _quiet(self._provider.close())
+        if self._emulator is not None:
+            await _quiet(self._emulator.stop())
+        if self._embedded is not None:
+            await self._embedded.stop()
+        if self._health is not None:
+            await self._health.stop()
+        counters = self.pipeline.counters.summary() if self.pipeline else ""
+        log.info(f"stopped: {counters} unfinished={left}")
+
+
+async def _quiet(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:  # noqa: BLE001 - best effort during shutdown
+        log.debug("error during shutdown", exc_info=True)

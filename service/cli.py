@@ -1,0 +1,111 @@
+"""``enrichd`` command line (CONTRACT §8). Parses arguments, builds Settings once and
+hands over; nothing runs at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Enrich streams of items with an LLM.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"enrichd: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(config: ConfigOpt = None) -> None:
+    """Run the daemon in the foreground (systemd runs this)."""
+    from service import logs
+    from service.app import Daemon
+
+    settings = _settings(config)
+    logs.configure(
+        level=settings.telemetry.log_level, fmt=settings.telemetry.log_format, secrets=settings.secrets()
+    )
+    try:
+        asyncio.run(Daemon(settings).run())
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback, for start-up failures
+        typer.echo(f"enrichd: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def submit(
+    handler: Annotated[str, typer.Argument(help="handler name, e.g. summarize")],
+    paths: Annotated[list[Path], typer.Argument(help="files: one item per file, per line for .jsonl")],
+    priority: Annotated[str | None, typer.Option(help="urgent | high | normal | low")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for every result, with a progress bar")] = False,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="seconds to wait with --wait")] = 600.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Publish items to enrich.in.HANDLER."""
+    from service.submit import SubmitError, run_submit
+
+    settings = _settings(config)
+    if priority is not None and priority not in ("urgent", "high", "normal", "low"):
+        typer.echo("enrichd: --priority must be urgent, high, normal or low", err=True)
+        raise typer.Exit(2)
+    try:
+        code = asyncio.run(
+            run_submit(settings, handler, paths, priority=priority, wait=wait, timeout_s=timeout_s)
+        )
+    except SubmitError as exc:
+        typer.echo(f"enrichd: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def check(config: ConfigOpt = None) -> None:
+    """Validate the configuration and reach NATS and the provider."""
+    from service.check import run_check
+
+    settings = _settings(config)
+    ok = asyncio.run(run_check(settings, lambda line: typer.echo(line)))
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8089,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    batch_delay_s: Annotated[float, typer.Option(help="seconds a batch takes to complete")] = 5.0,
+) -> None:
+    """Run the built-in OpenAI-compatible emulator."""
+    import logging
+
+    from service.emulator import EmulatorConfig, run_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_forever(host, port, EmulatorConfig(batch_delay_s=batch_delay_s)))
+    except KeyboardInterrupt:
+        pass
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Result events (CONTRACT §3) and DLQ entries, built as plain dicts. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from service.core.cost import Usage
+from service.core.errors import ErrorInfo
+
+
+def iso(ts: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, millisecond precision."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one item, before it is rendered as an event."""
+
+    id: str
+    handler: str
+    route: str
+    model: str | None
+    received_at: datetime
+    completed_at: datetime
+    result: Any = None
+    error: ErrorInfo | None = None
+    batch_id: str | None = None
+    attempts: int = 0
+    cached: bool = False
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    metadata: dict[str, Any] | None = None
+    source: str | None = None
+    # The provider's last message, kept for the DLQ entry (not part of the event).
+    last_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def result_event(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "id": outcome.id,
+        "handler": outcome.handler,
+        "status": "ok" if outcome.ok else "error",
+        "result": outcome.result if outcome.ok else None,
+        "error": None if outcome.error is None else outcome.error.to_dict(),
+        "route": outcome.route,
+        "model": outcome.model,
+        "batch_id": outcome.batch_id,
+        "attempts": outcome.attempts,
+        "cached": outcome.cached,
+        "usage": None if outcome.usage is None else outcome.usage.to_dict(),
+        "cost_usd": outcome.cost_usd,
+        "metadata": outcome.metadata,
+        "source": outcome.source,
+        "received_at": iso(outcome.received_at),
+        "completed_at": iso(outcome.completed_at),
+    }
+
+
+def dlq_entry(
+    *,
+    handler: str,
+    item: dict[str, Any] | None,
+    raw: bytes | None,
+    error: ErrorInfo,
+    attempts: int,
+    subject: str,
+    failed_at: datetime,
+    last_provider_message: str | None = None,
+) -> dict[str, Any]:
+    """The DLQ record: the original item (or its raw text when it could not be parsed),
+    the final error and the attempts, enough for ``enrichd dlq replay``."""
+    entry: dict[str, Any] = {
+        "handler": handler,
+        "item": item,
+        "error": error.to_dict(),
+        "attempts": attempts,
+        "subject": subject,
+        "failed_at": iso(failed_at),
+        "last_provider_message": last_provider_message,
+    }
+    if item is None and raw is not None:
+        entry["raw"] = raw.decode("utf-8", errors="replace")
+    return entry
+
+
+def result_msg_id(item_id: str, handler: str) -> str:
+    """``Nats-Msg-Id`` of a result event (CONTRACT §1)."""
+    return f"{item_id}:{handler}"

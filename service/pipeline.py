@@ -1,0 +1,358 @@
+"""What happens to one item, from raw bytes to its result event. Orchestration only:
+the decisions live in service/core (parsing, routing, retry, cost) and handlers/, the I/O
+behind the ports passed in (provider, result store, event sink)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from handlers import HandlerSpec
+from service.core import retry as retry_core
+from service.core.cost import Price, Usage, cost_usd, price_for
+from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOutputError, ProviderError
+from service.core.events import Outcome, dlq_entry, iso, result_event
+from service.core.items import Item, decode_object, item_from_object, salvage
+from service.core.routing import BatchRoute, RoutingRules, route
+from service.providers.openai_sync import SyncProvider
+from service.state.results import StoredResult
+
+log = logging.getLogger("enrichd.pipeline")
+
+
+class Store(Protocol):
+    async def get(self, handler: str, item_id: str) -> StoredResult | None: ...
+
+    async def put(self, event: dict[str, Any], *, intake_seq: int | None) -> None: ...
+
+
+class Sink(Protocol):
+    async def result(self, event: dict[str, Any], *, msg_id: str | None = None) -> None: ...
+
+    async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None: ...
+
+    async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Intake:
+    """One message as the source hands it over."""
+
+    raw: bytes
+    handler: str
+    subject: str
+    received_at: datetime
+    seq: int | None = None  # intake stream sequence; None for sync requests
+    priority: str | None = None  # default priority for items without one (folders)
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    ok: int = 0
+    error: int = 0
+    cached: int = 0
+    buffered: int = 0
+    retries: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"received={self.received} ok={self.ok} error={self.error} cached={self.cached} "
+            f"buffered={self.buffered} retries={self.retries}"
+        )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    registry: dict[str, HandlerSpec]
+    rules: RoutingRules
+    retry: retry_core.RetryPolicy
+    prices: dict[str, Price]
+    batch_discount: float
+    max_item_bytes: int
+    max_tokens_param: str = "max_completion_tokens"
+
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        provider: SyncProvider,
+        store: Store,
+        sink: Sink,
+        clock: Clock = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.provider = provider
+        self.store = store
+        self.sink = sink
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.counters = Counters()
+
+    # -- entry points -------------------------------------------------------------------
+
+    async def process(self, intake: Intake, *, force_sync: bool = False) -> dict[str, Any] | None:
+        """Handle one intake message completely: when this returns, its result event (or
+        its buffered record) is durable and the source may ack. Returns the result event,
+        or None when the item went to a batch buffer."""
+        self.counters.received += 1
+        try:
+            spec, item, body = self.prepare(intake)
+        except BadItemError as exc:
+            return await self._finish_bad(intake, exc)
+        stored = await self.store.get(item.handler, item.id)
+        if stored is not None:
+            return await self._answer_from_store(intake, item, stored)
+        decision = route(
+            item, endpoint=spec.endpoint, model=spec.model, rules=self.config.rules, now=self.clock()
+        )
+        if isinstance(decision, BatchRoute) and not force_sync:
+            await self._buffer(intake, item, spec, body, decision)
+            return None
+        outcome = await self.run_sync(spec, item, body, received_at=intake.received_at)
+        return await self.finish(outcome, item=item, intake=intake)
+
+    def prepare(self, intake: Intake) -> tuple[HandlerSpec, Item, dict[str, Any]]:
+        """Parse and validate; raises BadItemError. Size, then handler, then content."""
+        data = decode_object(intake.raw, max_bytes=self.config.max_item_bytes)
+        spec = self.config.registry.get(intake.handler)
+        if spec is None:
+            raise BadItemError("unknown_handler", f"no handler named {intake.handler!r}")
+        item = item_from_object(data, intake.handler, priority=intake.priority)  # type: ignore[arg-type]
+        body = spec.build_body(item, max_tokens_param=self.config.max_tokens_param)
+        return spec, item, body
+
+    # -- sync path ------------------------------------------------------------------------
+
+    async def run_sync(
+        self, spec: HandlerSpec, item: Item, body: dict[str, Any], *, received_at: datetime
+    ) -> Outcome:
+        """Call the provider under the retry policy; one retry for invalid output."""
+        policy = self.config.retry
+        attempt, waits, calls = 1, 0, 0
+        started = time.monotonic()
+        spent = Usage(0, 0)
+        invalid_retried = False
+        last_message: str | None = None
+        while True:
+            calls += 1
+            try:
+                response = await self.provider.call(spec.endpoint, body)
+                spent = Usage(
+                    spent.input_tokens + response.usage.input_tokens,
+                    spent.output_tokens + response.usage.output_tokens,
+                )
+                result = spec.parse(response.body)
+                return self._outcome(
+                    item, received_at, spec.model, result=result, attempts=calls, usage=spent
+                )
+            except InvalidOutputError as exc:
+                last_message = exc.message
+                if exc.code == "invalid_output" and not invalid_retried:
+                    invalid_retried = True
+                    self.counters.retries += 1
+                    log.warning(
+                        "invalid output, retrying once",
+                        extra={"item_id": item.id, "handler": item.handler, "attempt": calls},
+                    )
+                    continue
+                return self._outcome(
+                    item,
+                    received_at,
+                    spec.model,
+                    error=exc.info(),
+                    attempts=calls,
+                    usage=spent,
+                    last_message=last_message,
+                )
+            except ProviderError as exc:
+                last_message = exc.message
+                decision = retry_core.decide(
+                    policy,
+                    exc,
+                    attempt=attempt,
+                    rate_limit_waits=waits,
+                    elapsed_s=time.monotonic() - started,
+                    rng=self.rng,
+                )
+                if not decision.retry:
+                    info = exc.info()
+                    if exc.retryable:
+                        info = ErrorInfo(exc.code, f"gave up after {calls} calls: {exc.message}", True)
+                    return self._outcome(
+                        item,
+                        received_at,
+                        spec.model,
+                        error=info,
+                        attempts=calls,
+                        usage=spent,
+                        last_message=last_message,
+                    )
+                if decision.counts_as_attempt:
+                    attempt += 1
+                else:
+                    waits += 1
+                self.counters.retries += 1
+                log.info(
+                    "provider call failed, retrying",
+                    extra={
+                        "item_id": item.id,
+                        "handler": item.handler,
+                        "attempt": calls,
+                        "error_code": exc.code,
+                        "delay_s": round(decision.delay_s, 3),
+                    },
+                )
+                await asyncio.sleep(decision.delay_s)
+
+    def _outcome(
+        self,
+        item: Item,
+        received_at: datetime,
+        model: str,
+        *,
+        attempts: int,
+        usage: Usage,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        last_message: str | None = None,
+    ) -> Outcome:
+        price = price_for(model, self.config.prices)
+        return Outcome(
+            id=item.id,
+            handler=item.handler,
+            route="sync",
+            model=model,
+            received_at=received_at,
+            completed_at=self.clock(),
+            result=result,
+            error=error,
+            attempts=attempts,
+            usage=usage,
+            cost_usd=cost_usd(usage, price, route="sync", batch_discount=self.config.batch_discount),
+            metadata=item.metadata,
+            source=item.source,
+            last_message=last_message,
+        )
+
+    # -- endings --------------------------------------------------------------------------
+
+    async def finish(self, outcome: Outcome, *, item: Item | None, intake: Intake) -> dict[str, Any]:
+        """Store (ok results), dead-letter (errors), then publish the result event."""
+        event = result_event(outcome)
+        if outcome.ok:
+            await self.store.put(event, intake_seq=intake.seq)
+            self.counters.ok += 1
+        else:
+            assert outcome.error is not None
+            self.counters.error += 1
+            self.counters.by_code[outcome.error.code] = self.counters.by_code.get(outcome.error.code, 0) + 1
+            entry = dlq_entry(
+                handler=intake.handler,
+                item=item.to_dict() if item is not None else None,
+                raw=intake.raw if item is None else None,
+                error=outcome.error,
+                attempts=outcome.attempts,
+                subject=intake.subject,
+                failed_at=outcome.completed_at,
+                last_provider_message=outcome.last_message,
+            )
+            await self.sink.dlq(entry, item_id=outcome.id, intake_seq=intake.seq)
+            log.warning(
+                "item failed",
+                extra={
+                    "item_id": outcome.id,
+                    "handler": intake.handler,
+                    "error_code": outcome.error.code,
+                    "attempts": outcome.attempts,
+                },
+            )
+        if intake.seq is not None:
+            await self.sink.result(event)
+        return event
+
+    async def _finish_bad(self, intake: Intake, exc: EnrichError) -> dict[str, Any]:
+        item_id, metadata, source = salvage(intake.raw)
+        item: Item | None = None
+        try:  # keep the parsed item in the DLQ entry when only the template failed
+            item = item_from_object(
+                decode_object(intake.raw, max_bytes=self.config.max_item_bytes), intake.handler
+            )
+        except BadItemError:
+            item = None
+        if item is not None:
+            item_id, metadata, source = item.id, item.metadata, item.source
+        now = self.clock()
+        spec = self.config.registry.get(intake.handler)
+        outcome = Outcome(
+            id=item_id,
+            handler=intake.handler,
+            route="sync",
+            model=spec.model if spec else None,
+            received_at=intake.received_at,
+            completed_at=now,
+            error=exc.info(),
+            attempts=0,
+            metadata=metadata,
+            source=source,
+        )
+        return await self.finish(outcome, item=item, intake=intake)
+
+    async def _answer_from_store(self, intake: Intake, item: Item, stored: StoredResult) -> dict[str, Any]:
+        event = dict(stored.event)
+        if intake.seq is not None and stored.intake_seq == intake.seq:
+            # A redelivery of the very message that produced this result (we crashed after
+            # storing it): publish the original event again; JetStream dedups on Nats-Msg-Id.
+            await self.sink.result(event)
+            return event
+        event.update(
+            cached=True,
+            cost_usd=0.0,
+            attempts=0,
+            metadata=item.metadata,
+            source=item.source,
+            received_at=result_event_time(intake.received_at),
+            completed_at=result_event_time(self.clock()),
+        )
+        self.counters.cached += 1
+        if intake.seq is not None:
+            await self.sink.result(event, msg_id=f"{item.id}:{item.handler}:cached:{intake.seq}")
+        return event
+
+    async def _buffer(
+        self, intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], decision: BatchRoute
+    ) -> None:
+        record = {
+            "handler": item.handler,
+            "item": item.to_dict(),
+            "body": body,
+            "endpoint": spec.endpoint,
+            "model": spec.model,
+            "received_at": result_event_time(intake.received_at),
+            "intake_seq": intake.seq,
+        }
+        await self.sink.buffer(
+            decision.key.subject_token(), record, msg_id=f"{item.handler}:{item.id}:{intake.seq}"
+        )
+        self.counters.buffered += 1
+
+
+def result_event_time(ts: datetime) -> str:
+    return iso(ts)

@@ -1,0 +1,144 @@
+"""The synchronous provider edge: the only code that calls chat completions and
+embeddings. It sends a body built by a handler, and translates every failure into one
+:class:`ProviderError` with a stable code. The SDK's own retries are off: the daemon's
+retry policy decides (service/core/retry.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import openai
+from openai import AsyncOpenAI
+
+from service.core.cost import Usage
+from service.core.errors import ProviderError
+
+
+@dataclass(frozen=True)
+class ProviderResponse:
+    body: dict[str, Any]
+    usage: Usage
+    headers: dict[str, str]
+
+
+class SyncProvider(Protocol):
+    """What the sync path needs from a provider."""
+
+    async def call(self, endpoint: str, body: dict[str, Any]) -> ProviderResponse: ...
+
+    async def close(self) -> None: ...
+
+
+_STATUS_CODES: dict[int, tuple[str, bool]] = {
+    400: ("bad_request", False),
+    401: ("auth_failed", False),
+    403: ("permission_denied", False),
+    404: ("not_found", False),
+    408: ("timeout", True),
+    409: ("provider_error", True),
+    413: ("bad_request", False),
+    422: ("bad_request", False),
+    429: ("rate_limited", True),
+}
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (numeric form), else None."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return None
+
+
+def classify_status(status: int, code: str | None, message: str, headers: Any) -> ProviderError:
+    """One place that maps an HTTP failure to our taxonomy."""
+    if code == "context_length_exceeded":
+        return ProviderError(code, message, retryable=False, status=status)
+    if status == 429 and code == "insufficient_quota":
+        # Out of credit: waiting does not help, an operator must act.
+        return ProviderError("permission_denied", message, retryable=False, status=status)
+    if status >= 500:
+        return ProviderError(
+            "provider_error", message, retryable=True, status=status, retry_after_s=retry_after_s(headers)
+        )
+    name, retryable = _STATUS_CODES.get(status, ("bad_request", False))
+    return ProviderError(
+        name,
+        message,
+        retryable=retryable,
+        status=status,
+        retry_after_s=retry_after_s(headers) if retryable else None,
+    )
+
+
+def classify_exception(exc: Exception) -> ProviderError:
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError("timeout", "the provider did not answer in time", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError("connection_error", f"cannot reach the provider: {exc}", retryable=True)
+    if isinstance(exc, asyncio.TimeoutError):
+        return ProviderError("timeout", "the provider did not answer in time", retryable=True)
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = str(body.get("message") or exc.message)
+        code = exc.code if isinstance(exc.code, str) else None
+        return classify_status(exc.status_code, code, message, exc.response.headers)
+    return ProviderError("provider_error", f"{type(exc).__name__}: {exc}", retryable=True)
+
+
+class OpenAISyncProvider:
+    """AsyncOpenAI with retries off and a bounded number of calls in flight."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        api_key: str | None,
+        timeout_s: float,
+        max_concurrency: int,
+        organization: str | None = None,
+        project: str | None = None,
+    ) -> None:
+        self._client = AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "unset",
+            organization=organization,
+            project=project,
+            timeout=timeout_s,
+            max_retries=0,
+        )
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    @property
+    def client(self) -> AsyncOpenAI:
+        return self._client
+
+    async def call(self, endpoint: str, body: dict[str, Any]) -> ProviderResponse:
+        async with self._slots:
+            try:
+                if endpoint == "/v1/embeddings":
+                    raw: Any = await self._client.embeddings.with_raw_response.create(**body)
+                else:
+                    raw = await self._client.chat.completions.with_raw_response.create(**body)
+                parsed = raw.parse()
+            except Exception as exc:  # noqa: BLE001 - every failure is classified here
+                raise classify_exception(exc) from None
+        data: dict[str, Any] = parsed.model_dump(mode="json")
+        usage = data.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        return ProviderResponse(body=data, usage=Usage(prompt, completion), headers=dict(raw.headers))
+
+    async def close(self) -> None:
+        await self._client.close()

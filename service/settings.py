@@ -1,0 +1,291 @@
+"""Settings (CONTRACT §9): one pydantic-settings model, the only code that reads the
+environment. Sources, first wins: ``ENRICHD_*`` variables, then ``OPENAI_API_KEY`` /
+``OPENAI_BASE_URL`` / ``STATE_DIRECTORY`` (systemd), then the TOML file."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from handlers import HandlerConfigError, HandlerSpec, build_registry
+from service.core.cost import Price
+
+DEFAULT_CONFIG = Path("config/enrichd.toml")
+_toml_path: ContextVar[Path | None] = ContextVar("enrichd_toml_path", default=None)
+
+
+class ConfigError(Exception):
+    """Start-up stops with this: one message that names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NatsSettings(_Section):
+    url: str | None = None
+    subject_prefix: str = Field("enrich", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    embedded_port: int = Field(4222, ge=0, le=65535)
+    stream_replicas: int = Field(1, ge=1, le=5)
+    consumer: str = Field("enrichd", pattern=r"^[A-Za-z0-9_-]+$")
+    ack_wait_s: float = Field(60.0, gt=0)
+    max_deliver: int = Field(10, ge=1)
+    result_dedup_window_s: float = Field(3600.0, gt=0)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url
+
+
+class OpenAISettings(_Section):
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    organization: str | None = None
+    project: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    max_concurrency: int = Field(16, ge=1, le=1024)
+    chat_model: str = "gpt-4o-mini"
+    embedding_model: str = "text-embedding-3-small"
+    max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+
+    @property
+    def use_emulator(self) -> bool:
+        return self.api_key is None and not self.base_url
+
+
+class FolderSettings(_Section):
+    inbox: Path = Path("./inbox")
+    outbox: Path = Path("./outbox")
+    default_handler: str = "summarize"
+    default_priority: Literal["urgent", "high", "normal", "low"] = "normal"
+    settle_s: float = Field(1.0, ge=0)
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    enabled: bool = True
+
+
+class BatchingSettings(_Section):
+    max_items: int = Field(50_000, ge=1, le=50_000)
+    max_bytes: int = Field(190_000_000, ge=1024, le=200_000_000)
+    max_wait_s: float = Field(600.0, gt=0)
+    poll_interval_s: float = Field(30.0, gt=0)
+    max_latency_s: float = Field(86_400.0, gt=0)
+    windows: list[str] = Field(default_factory=list)
+    max_enqueued_tokens: int | None = Field(None, ge=1)
+
+
+class RoutingSettings(_Section):
+    sync_priorities: list[Literal["urgent", "high", "normal", "low"]] = ["urgent", "high"]
+
+
+class TelemetrySettings(_Section):
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class LimitSettings(_Section):
+    max_item_bytes: int = Field(1024 * 1024, ge=64)
+
+
+class ResultSettings(_Section):
+    ttl_s: float = Field(7 * 86_400.0, gt=0)
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(5, ge=1, le=50)
+    base_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+    max_elapsed_s: float = Field(300.0, gt=0)
+
+
+class PriceSettings(_Section):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
+def _default_prices() -> dict[str, PriceSettings]:
+    # USD per million tokens, standard tier, as published by OpenAI (2025-2026).
+    table = {
+        "gpt-4o-mini": (0.15, 0.60),
+        "gpt-4o": (2.50, 10.00),
+        "gpt-4.1-mini": (0.40, 1.60),
+        "gpt-4.1-nano": (0.10, 0.40),
+        "gpt-4.1": (2.00, 8.00),
+        "text-embedding-3-small": (0.02, 0.0),
+        "text-embedding-3-large": (0.13, 0.0),
+    }
+    return {k: PriceSettings(input_per_mtok=i, output_per_mtok=o) for k, (i, o) in table.items()}
+
+
+class EmulatorSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    batch_delay_s: float = Field(5.0, ge=0)
+
+
+class ShutdownSettings(_Section):
+    grace_s: float = Field(20.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All of enrichd's settings. Build with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ENRICHD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        hide_input_in_errors=True,
+        nested_model_default_partial_update=True,
+    )
+
+    state_dir: Path = Path("./var")
+    nats: NatsSettings = NatsSettings()
+    openai: OpenAISettings = OpenAISettings()
+    folders: FolderSettings = FolderSettings()
+    batching: BatchingSettings = BatchingSettings()
+    routing: RoutingSettings = RoutingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    limits: LimitSettings = LimitSettings()
+    results: ResultSettings = ResultSettings()
+    retry: RetrySettings = RetrySettings()
+    emulator: EmulatorSettings = EmulatorSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    batch_discount: float = Field(0.5, ge=0, lt=1)
+    prices: dict[str, PriceSettings] = Field(default_factory=_default_prices)
+    handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    _registry: dict[str, HandlerSpec] = PrivateAttr(default_factory=dict)
+
+    @field_validator("prices", mode="after")
+    @classmethod
+    def _merge_prices(cls, value: dict[str, PriceSettings]) -> dict[str, PriceSettings]:
+        return {**_default_prices(), **value}
+
+    @model_validator(mode="after")
+    def _check_handlers(self) -> Settings:
+        try:
+            self._registry = build_registry(
+                self.handlers, chat_model=self.openai.chat_model, embedding_model=self.openai.embedding_model
+            )
+        except HandlerConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def registry(self) -> dict[str, HandlerSpec]:
+        return self._registry
+
+    @property
+    def price_table(self) -> dict[str, Price]:
+        return {k: Price(v.input_per_mtok, v.output_per_mtok) for k, v in self.prices.items()}
+
+    def secrets(self) -> list[str]:
+        """Every secret value, so logs and events can be scrubbed of them."""
+        values = [self.openai.api_key, self.nats.password, self.nats.token]
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            _FallbackEnvSource(settings_cls),
+        ]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class _FallbackEnvSource(PydanticBaseSettingsSource):
+    """The conventional variables other tools use: OPENAI_API_KEY, OPENAI_BASE_URL and
+    systemd's STATE_DIRECTORY. ENRICHD_* variables win over these."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        openai: dict[str, Any] = {}
+        if os.environ.get("OPENAI_API_KEY"):
+            openai["api_key"] = os.environ["OPENAI_API_KEY"]
+        if os.environ.get("OPENAI_BASE_URL"):
+            openai["base_url"] = os.environ["OPENAI_BASE_URL"]
+        if openai:
+            out["openai"] = openai
+        state = os.environ.get("STATE_DIRECTORY")
+        if state:
+            out["state_dir"] = state.split(":")[0]
+        return out
+
+
+def config_path(explicit: Path | None) -> Path | None:
+    """``--config``, else ``ENRICHD_CONFIG``, else ``config/enrichd.toml`` when present."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("ENRICHD_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(explicit: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once, at start. Raises :class:`ConfigError` naming the key."""
+    path = config_path(explicit)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _toml_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"{path}: {exc}") from None
+    finally:
+        _toml_path.reset(token)
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    first = exc.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    where = f" (in {path} or ENRICHD_* environment)" if path else " (in ENRICHD_* environment)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if not key:
+        return f"invalid configuration{where}: {message}{more}"
+    return f"invalid setting {key}{where}: {message}{more}"

@@ -1,0 +1,81 @@
+"""The only code that publishes what the daemon produces: result events, DLQ entries,
+lifecycle events and buffered items. Every payload is scrubbed of secrets first."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from service.core.events import result_msg_id
+from service.subjects import Subjects
+
+
+class Redactor:
+    """Replaces every known secret value with ``***`` (API keys, NATS passwords)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class EventSink:
+    def __init__(
+        self, js: JetStreamContext, subjects: Subjects, redact: Redactor, *, timeout_s: float = 10.0
+    ):
+        self._js = js
+        self._subjects = subjects
+        self._redact = redact
+        self._timeout_s = timeout_s
+
+    def _payload(self, obj: Any) -> bytes:
+        return self._redact(dumps(obj)).encode()
+
+    async def result(self, event: dict[str, Any], *, msg_id: str | None = None) -> None:
+        """Publish a result event on ``enrich.out.<handler>`` and wait for the PubAck."""
+        headers = {"Nats-Msg-Id": msg_id or result_msg_id(event["id"], event["handler"])}
+        await self._js.publish(
+            self._subjects.out(event["handler"]),
+            self._payload(event),
+            headers=headers,
+            timeout=self._timeout_s,
+        )
+
+    async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None:
+        handler = entry["handler"]
+        # Redeliveries of one intake message share an id (deduplicated); every sync request
+        # that fails gets its own entry.
+        suffix = str(intake_seq) if intake_seq is not None else f"sync-{uuid.uuid4().hex}"
+        msg_id = f"{item_id}:{handler}:dlq:{suffix}"
+        await self._js.publish(
+            self._subjects.dlq(handler),
+            self._payload(entry),
+            headers={"Nats-Msg-Id": msg_id},
+            timeout=self._timeout_s,
+        )
+
+    async def lifecycle(self, topic: str, payload: dict[str, Any], *, msg_id: str | None = None) -> None:
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await self._js.publish(
+            self._subjects.event(topic), self._payload(payload), headers=headers, timeout=self._timeout_s
+        )
+
+    async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None:
+        await self._js.publish(
+            self._subjects.buffer(key_token),
+            dumps(record).encode(),
+            headers={"Nats-Msg-Id": msg_id},
+            timeout=self._timeout_s,
+        )

@@ -1,0 +1,192 @@
+"""The NATS source: the only code that reads intake messages and acks them.
+
+``enrich.in.>`` is consumed by a durable pull consumer with explicit acks (every replica
+binds the same durable, so each message goes to one of them). A message is acked only
+after :meth:`Pipeline.process` returned, i.e. after its result event or its buffered
+record is stored in JetStream. ``enrich.sync.*`` is core request/reply in a queue group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from faststream import AckPolicy
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
+from nats.js.api import AckPolicy as ServerAckPolicy
+
+from service.core.errors import EnrichError
+from service.core.events import Outcome
+from service.core.items import salvage
+from service.pipeline import Intake, Pipeline
+from service.sinks.events import Redactor, dumps
+from service.subjects import Subjects
+
+log = logging.getLogger("enrichd.source")
+
+
+class NatsSource:
+    def __init__(
+        self,
+        broker: NatsBroker,
+        subjects: Subjects,
+        pipeline: Pipeline,
+        redact: Redactor,
+        *,
+        durable: str,
+        ack_wait_s: float,
+        max_deliver: int,
+        max_inflight: int = 512,
+        sync_workers: int = 16,
+    ) -> None:
+        self._broker = broker
+        self._subjects = subjects
+        self._pipeline = pipeline
+        self._redact = redact
+        self._durable = durable
+        self._ack_wait_s = ack_wait_s
+        self._max_deliver = max_deliver
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._max_inflight = max_inflight
+        self._sync_workers = sync_workers
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def register(self) -> None:
+        """Declare the subscribers on the broker (before ``broker.start()``)."""
+        s = self._subjects
+        self._broker.subscriber(
+            s.intake_filter,
+            stream=JStream(name=s.stream("IN"), declare=False),
+            durable=self._durable,
+            config=ConsumerConfig(
+                ack_policy=ServerAckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait_s,
+                max_deliver=self._max_deliver,
+                max_ack_pending=self._max_inflight * 4,
+            ),
+            pull_sub=PullSub(batch_size=min(100, self._max_inflight), timeout=1.0),
+            ack_policy=AckPolicy.MANUAL,
+            title="intake",
+            description="Items to enrich, one per message; the last subject token names the handler.",
+        )(self.on_intake)
+        self._broker.subscriber(
+            s.sync_filter,
+            queue=f"{self._durable}-sync",
+            max_workers=self._sync_workers,
+            title="sync",
+            description="Request/reply: the reply is the item's result event, computed at once.",
+        )(self.on_sync)
+        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream('IN')}.{self._durable}"
+        self._broker.subscriber(advisory, queue=f"{self._durable}-advisory", include_in_schema=False)(
+            self.on_max_deliveries
+        )
+
+    async def on_intake(self, msg: NatsMessage) -> None:
+        raw_msg = msg.raw_message
+        meta = raw_msg.metadata
+        intake = Intake(
+            raw=msg.body,
+            handler=raw_msg.subject.removeprefix(self._subjects.intake_prefix),
+            subject=raw_msg.subject,
+            received_at=meta.timestamp.astimezone(UTC) if meta.timestamp else datetime.now(UTC),
+            seq=meta.sequence.stream,
+        )
+        await self._slots.acquire()
+        task = asyncio.create_task(self._run(msg, intake), name=f"item-{intake.seq}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, msg: NatsMessage, intake: Intake) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            await self._pipeline.process(intake)
+        except Exception:
+            # Infrastructure failure (e.g. NATS publish timed out): the message is not
+            # acked, JetStream redelivers it after a short delay.
+            log.exception("processing failed; message will be redelivered", extra={"seq": intake.seq})
+            heartbeat.cancel()
+            await _quietly(msg.nack(delay=2.0))
+            return
+        finally:
+            heartbeat.cancel()
+            self._slots.release()
+        await _quietly(msg.ack())
+
+    async def _heartbeat(self, msg: NatsMessage) -> None:
+        # Long provider calls (retries, backoff) must not let ack_wait expire.
+        while True:
+            await asyncio.sleep(max(0.5, self._ack_wait_s / 3))
+            await _quietly(msg.in_progress())
+
+    async def on_sync(self, msg: NatsMessage) -> bytes:
+        intake = Intake(
+            raw=msg.body,
+            handler=msg.raw_message.subject.removeprefix(self._subjects.sync_prefix),
+            subject=msg.raw_message.subject,
+            received_at=datetime.now(UTC),
+        )
+        try:
+            event = await self._pipeline.process(intake, force_sync=True)
+        except Exception as exc:  # noqa: BLE001 - the requester must always get an answer
+            log.exception("sync request failed")
+            event = {"status": "error", "error": {"code": "internal", "message": str(exc), "retryable": True}}
+        return self._redact(dumps(event)).encode()
+
+    async def on_max_deliveries(self, advisory: dict[str, Any]) -> None:
+        """A message that was delivered ``max_deliver`` times without an ack: end it with
+        an error event and a DLQ entry instead of leaving it silently behind."""
+        js = self._broker.config.connection_state.stream
+        try:
+            raw = await js.get_msg(advisory["stream"], advisory["stream_seq"])
+        except Exception:  # noqa: BLE001
+            log.exception("cannot fetch message after max deliveries", extra={"advisory": advisory})
+            return
+        subject = raw.subject or ""
+        intake = Intake(
+            raw=raw.data or b"",
+            handler=subject.removeprefix(self._subjects.intake_prefix),
+            subject=subject,
+            received_at=datetime.now(UTC),
+            seq=raw.seq,
+        )
+        error = EnrichError(
+            "max_deliveries",
+            f"delivered {advisory.get('deliveries')} times without completing",
+            retryable=True,
+        )
+        item_id = salvage(intake.raw)[0]
+        now = datetime.now(UTC)
+        outcome = Outcome(
+            id=item_id,
+            handler=intake.handler,
+            route="sync",
+            model=None,
+            received_at=intake.received_at,
+            completed_at=now,
+            error=error.info(),
+            attempts=int(advisory.get("deliveries") or 0),
+        )
+        await self._pipeline.finish(outcome, item=None, intake=intake)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight items; returns how many were still running at the deadline
+        (they stay unacked and are redelivered to whoever runs next)."""
+        if not self._tasks:
+            return 0
+        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        return len(pending)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+
+async def _quietly(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # noqa: BLE001 - an ack that fails is redelivered; nothing to do
+        log.debug("ack/nak failed: %s", exc)

@@ -1,0 +1,45 @@
+"""The result store (CONTRACT §6): a JetStream KV bucket with a TTL of ``results.ttl_s``.
+
+A record holds the result event and the intake stream sequence that produced it, so a
+redelivery of that same message is told apart from a re-submission (which is answered
+with ``cached: true``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+
+def store_key(handler: str, item_id: str) -> str:
+    # KV keys allow [-/_=.A-Za-z0-9]; ids allow ':' and '.', which we escape reversibly.
+    escaped = item_id.replace("=", "=3D").replace(":", "=3A").replace(".", "=2E")
+    return f"{handler}.{escaped}"
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    event: dict[str, Any]
+    intake_seq: int | None
+
+
+class ResultStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, handler: str, item_id: str) -> StoredResult | None:
+        try:
+            entry = await self._kv.get(store_key(handler, item_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        data = json.loads(entry.value)
+        return StoredResult(event=data["event"], intake_seq=data.get("intake_seq"))
+
+    async def put(self, event: dict[str, Any], *, intake_seq: int | None) -> None:
+        value = json.dumps({"event": event, "intake_seq": intake_seq}, separators=(",", ":"))
+        await self._kv.put(store_key(event["handler"], event["id"]), value.encode())

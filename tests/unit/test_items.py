@@ -1,0 +1,87 @@
+"""Item parsing: every bad-item code has a case, and good items keep what they carry."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from service.core.errors import BAD_ITEM_CODES, BadItemError
+from service.core.items import default_id, parse_item, salvage
+
+LIMIT = 4096
+
+
+def parse(raw: bytes | str, handler: str = "summarize"):
+    data = raw.encode() if isinstance(raw, str) else raw
+    return parse_item(data, handler, max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"\xff\xfe\x00bad", "invalid_utf8"),
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "not_an_object"),
+        ('"just a string"', "not_an_object"),
+        ("{}", "missing_text"),
+        ('{"text": 42}', "invalid_text"),
+        ('{"text": "   "}', "empty_text"),
+        ('{"text": "x", "fields": {"a": 1}}', "invalid_fields"),
+        ('{"text": "x", "fields": ["a"]}', "invalid_fields"),
+        ('{"text": "x", "id": "has space"}', "invalid_id"),
+        ('{"text": "x", "id": ""}', "invalid_id"),
+        (json.dumps({"text": "x", "id": "a" * 129}), "invalid_id"),
+        ('{"text": "x", "priority": "asap"}', "invalid_priority"),
+        ('{"text": "x", "deadline": "tomorrow"}', "invalid_deadline"),
+        ('{"text": "x", "deadline": "2026-11-23T09:00:00"}', "invalid_deadline"),
+        ('{"text": "x", "metadata": "m"}', "invalid_metadata"),
+        ('{"text": "x", "source": 7}', "invalid_source"),
+        ('{"text": "x", "colour": "red"}', "unknown_field"),
+        (json.dumps({"text": "x" * LIMIT}), "item_too_large"),
+    ],
+)
+def test_bad_items_have_precise_codes(raw: bytes | str, code: str) -> None:
+    with pytest.raises(BadItemError) as info:
+        parse(raw)
+    assert info.value.code == code
+    assert code in BAD_ITEM_CODES
+    assert info.value.retryable is False
+
+
+def test_good_item_keeps_everything() -> None:
+    item = parse(
+        json.dumps(
+            {
+                "id": "msg-2026-11-22-0042",
+                "text": "Invoice overdue",
+                "fields": {"subject": "Invoice", "from": "ap@example.com"},
+                "priority": "urgent",
+                "deadline": "2026-11-23T09:00:00Z",
+                "metadata": {"mailbox": "ops", "n": 3},
+                "source": "email",
+            }
+        )
+    )
+    assert item.id == "msg-2026-11-22-0042"
+    assert item.priority == "urgent"
+    assert item.deadline == datetime(2026, 11, 23, 9, tzinfo=UTC)
+    assert item.metadata == {"mailbox": "ops", "n": 3}
+    assert item.to_dict()["deadline"] == "2026-11-23T09:00:00Z"
+
+
+def test_default_id_is_content_hash_and_stable() -> None:
+    a = parse('{"text": "same", "fields": {"b": "2", "a": "1"}}')
+    b = parse('{"fields": {"a": "1", "b": "2"}, "text": "same"}')
+    c = parse('{"text": "same"}', handler="tags")
+    assert a.id == b.id == default_id("summarize", "same", {"a": "1", "b": "2"})
+    assert len(a.id) == 64
+    assert c.id != a.id
+    assert a.priority == "normal"
+
+
+def test_salvage_keeps_id_and_metadata_of_bad_items() -> None:
+    assert salvage(b'{"id": "ok-1", "metadata": {"k": "v"}, "text": 5}') == ("ok-1", {"k": "v"}, None)
+    item_id, meta, source = salvage(b"\xff")
+    assert item_id.startswith("raw-") and meta is None and source is None
