@@ -12,16 +12,20 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 
+from service.batcher import Batcher
+from service.core.batching import BatchPolicy, Window
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.health import HealthServer
 from service.nats_embedded import EmbeddedNats
 from service.natsconn import broker_security, servers
 from service.pipeline import Pipeline, PipelineConfig
+from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings
 from service.sinks.events import EventSink, Redactor
 from service.sources.nats_source import NatsSource
+from service.state.batches import BatchStore
 from service.state.results import ResultStore
 from service.state.streams import ensure_results_bucket, ensure_streams
 from service.subjects import Subjects
@@ -45,6 +49,8 @@ class Daemon:
         self._source: NatsSource | None = None
         self._health: HealthServer | None = None
         self.pipeline: Pipeline | None = None
+        self.batcher: Batcher | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -98,9 +104,33 @@ class Daemon:
                 max_tokens_param=s.openai.max_tokens_param,
             ),
             provider=self._provider,
-            store=ResultStore(kv),
+            store=ResultStore(kv, self.subjects.results_bucket),
             sink=EventSink(js, self.subjects, self.redact),
         )
+        self.batcher = Batcher(
+            js=js,
+            subjects=self.subjects,
+            store=await BatchStore.open(js, self.subjects.stream_suffix, replicas=s.nats.stream_replicas),
+            results=self.pipeline.store,  # type: ignore[arg-type]
+            sink=self.pipeline.sink,  # type: ignore[arg-type]
+            redact=self.redact,
+            provider=OpenAIBatchProvider(self._provider.client),
+            registry=s.registry,
+            policy=BatchPolicy(
+                max_items=s.batching.max_items,
+                max_bytes=s.batching.max_bytes,
+                max_wait_s=s.batching.max_wait_s,
+                windows=tuple(Window.parse(w) for w in s.batching.windows),
+            ),
+            poll_interval_s=s.batching.poll_interval_s,
+            max_attempts=s.retry.max_attempts,
+            max_enqueued_tokens=s.batching.max_enqueued_tokens,
+            prices=s.price_table,
+            batch_discount=s.batch_discount,
+            instance_id=s.instance,
+            consumer=s.nats.consumer,
+        )
+        self.pipeline.on_buffered = self.batcher.wake
         self._source = NatsSource(
             broker,
             self.subjects,
@@ -112,7 +142,14 @@ class Daemon:
             sync_workers=s.openai.max_concurrency,
         )
         self._source.register()
+        broker.subscriber(
+            self.subjects.control("cancel"), queue=f"{s.nats.consumer}-control", include_in_schema=False
+        )(self._on_cancel)
         await broker.start()
+        self._tasks = [
+            asyncio.create_task(self.batcher.flush_loop(), name="flush"),
+            asyncio.create_task(self.batcher.poll_loop(), name="poll"),
+        ]
         self.ready.set()
         log.info(
             "enrichd ready",
@@ -149,6 +186,18 @@ class Daemon:
             project=s.openai.project,
         )
 
+    async def _on_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Cancel a batch on the operator's request; its items end when the provider
+        reports it cancelled."""
+        assert self.batcher is not None
+        batch_id = str(request.get("batch_id", ""))
+        try:
+            info = await self.batcher.cancel(batch_id)
+        except Exception as exc:  # noqa: BLE001 - the operator gets the reason
+            return {"batch_id": batch_id, "error": self.redact(str(exc))}
+        log.info("batch cancel requested", extra={"batch_id": batch_id, "status": info.status})
+        return {"batch_id": info.id, "status": info.status}
+
     def is_ready(self) -> bool:
         broker = self._broker
         return (
@@ -178,6 +227,10 @@ class Daemon:
         grace = self.settings.shutdown.grace_s
         log.info("stopping", extra={"grace_s": grace})
         left = 0
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self._broker is not None:
             if self._source is not None:
                 # Stop pulling new messages first, then wait for the ones in flight.

@@ -99,6 +99,92 @@ def emulator(
         pass
 
 
+batches_app = typer.Typer(no_args_is_help=True, help="Provider batches the daemon owns.")
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters.")
+app.add_typer(batches_app, name="batches")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _admin(coro: Any) -> Any:
+    from service.admin import AdminError
+
+    try:
+        return asyncio.run(coro)
+    except AdminError as exc:
+        typer.echo(f"enrichd: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@batches_app.command("list")
+def batches_list(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Batches with their status and request counts, oldest first."""
+    from service.admin import list_batches
+    from service.views import batches_table
+
+    records = _admin(list_batches(_settings(config)))
+    if as_json:
+        print_json([r.__dict__ for r in records])
+        return
+    from rich.console import Console
+
+    Console().print(batches_table(records))
+
+
+@batches_app.command("show")
+def batches_show(
+    ident: Annotated[str, typer.Argument(help="batch id or flush id")], config: ConfigOpt = None
+) -> None:
+    """Everything recorded about one batch."""
+    from service.admin import show_batch
+
+    record = _admin(show_batch(_settings(config), ident))
+    print_json(record.__dict__)
+
+
+@batches_app.command("cancel")
+def batches_cancel(
+    batch_id: Annotated[str, typer.Argument(help="provider batch id")], config: ConfigOpt = None
+) -> None:
+    """Cancel a batch; its unfinished items end as errors with code batch_cancelled."""
+    from service.admin import cancel_batch
+
+    answer = _admin(cancel_batch(_settings(config), batch_id))
+    typer.echo(f"{answer['batch_id']}: {answer['status']}")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    handler: Annotated[str | None, typer.Option(help="only this handler")] = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Dead letters, oldest first."""
+    from service.admin import dlq_entries
+    from service.views import dlq_table
+
+    entries = _admin(dlq_entries(_settings(config), handler=handler))
+    if as_json:
+        print_json(entries)
+        return
+    from rich.console import Console
+
+    Console().print(dlq_table(entries))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    handler: Annotated[str | None, typer.Option(help="only this handler")] = None, config: ConfigOpt = None
+) -> None:
+    """Send dead letters through intake again (and remove them from the DLQ)."""
+    from service.admin import replay_dlq
+
+    replayed, skipped = _admin(replay_dlq(_settings(config), handler=handler))
+    typer.echo(f"replayed {replayed} item(s); {skipped} could not be replayed (no parsable item)")
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
 

@@ -105,6 +105,7 @@ class Pipeline:
         self.clock = clock
         self.rng = rng or random.Random()
         self.counters = Counters()
+        self.on_buffered: Callable[[], None] | None = None
 
     # -- entry points -------------------------------------------------------------------
 
@@ -352,6 +353,8 @@ class Pipeline:
             decision.key.subject_token(), record, msg_id=f"{item.handler}:{item.id}:{intake.seq}"
         )
         self.counters.buffered += 1
+        if self.on_buffered is not None:
+            self.on_buffered()
 
 
 def result_event_time(ts: datetime) -> str:

@@ -166,6 +166,7 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Path("./var")
+    instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     nats: NatsSettings = NatsSettings()
     openai: OpenAISettings = OpenAISettings()
     folders: FolderSettings = FolderSettings()
@@ -200,6 +201,19 @@ class Settings(BaseSettings):
     @property
     def registry(self) -> dict[str, HandlerSpec]:
         return self._registry
+
+    @property
+    def instance(self) -> str:
+        """This replica's identity in batch leases: stable across restarts of one
+        installation (host + state dir), distinct between replicas."""
+        if self.instance_id:
+            return self.instance_id
+        import hashlib
+        import socket
+
+        digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+        host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40]
+        return f"{host}-{digest}"
 
     @property
     def price_table(self) -> dict[str, Price]:

@@ -50,6 +50,9 @@ class Subjects:
     def buffer_filter(self) -> str:
         return f"{self.prefix}._buffer.>"
 
+    def control(self, action: str) -> str:
+        return f"{self.prefix}._control.{action}"
+
     @property
     def results_bucket(self) -> str:
         return f"{self.stream_suffix}_RESULTS"

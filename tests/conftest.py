@@ -61,7 +61,7 @@ async def emulator() -> AsyncIterator[Any]:
     from service.emulator import Emulator, EmulatorConfig
 
     emu = Emulator(EmulatorConfig(api_key=TEST_KEY, batch_delay_s=0.5, seed=1))
-    emu.base_url = await emu.start(host="127.0.0.1", port=0)
+    await emu.start(host="127.0.0.1", port=0)
     yield emu
     await emu.stop()
 

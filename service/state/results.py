@@ -27,8 +27,9 @@ class StoredResult:
 
 
 class ResultStore:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, bucket: str) -> None:
         self._kv = kv
+        self._bucket = bucket
 
     async def get(self, handler: str, item_id: str) -> StoredResult | None:
         try:
@@ -39,6 +40,11 @@ class ResultStore:
             return None
         data = json.loads(entry.value)
         return StoredResult(event=data["event"], intake_seq=data.get("intake_seq"))
+
+    def put_message(self, event: dict[str, Any], *, intake_seq: int | None) -> tuple[str, bytes]:
+        """Subject and payload of the KV put, for pipelined (publish_async) writes."""
+        value = json.dumps({"event": event, "intake_seq": intake_seq}, separators=(",", ":"))
+        return f"$KV.{self._bucket}.{store_key(event['handler'], event['id'])}", value.encode()
 
     async def put(self, event: dict[str, Any], *, intake_seq: int | None) -> None:
         value = json.dumps({"event": event, "intake_seq": intake_seq}, separators=(",", ":"))

@@ -23,6 +23,7 @@ class StreamPlan:
     subjects: list[str]
     max_age_s: float
     duplicate_window_s: float = 120.0
+    retention: RetentionPolicy = RetentionPolicy.LIMITS
 
 
 def plans(subjects: Subjects, *, result_dedup_window_s: float) -> list[StreamPlan]:
@@ -33,7 +34,14 @@ def plans(subjects: Subjects, *, result_dedup_window_s: float) -> list[StreamPla
         StreamPlan(subjects.stream("OUT"), [f"{p}.out.>"], 7 * DAY_S, result_dedup_window_s),
         StreamPlan(subjects.stream("DLQ"), [f"{p}.dlq.>"], 0.0, result_dedup_window_s),
         StreamPlan(subjects.stream("EVENTS"), [f"{p}.events.>"], 7 * DAY_S, result_dedup_window_s),
-        StreamPlan(subjects.stream("BUFFER"), [f"{p}._buffer.>"], 0.0, result_dedup_window_s),
+        # Buffered items leave the stream when a flush acks them (one consumer per buffer key).
+        StreamPlan(
+            subjects.stream("BUFFER"),
+            [f"{p}._buffer.>"],
+            0.0,
+            result_dedup_window_s,
+            RetentionPolicy.WORK_QUEUE,
+        ),
     ]
 
 
@@ -48,7 +56,7 @@ async def ensure_streams(
                 StreamConfig(
                     name=plan.name,
                     subjects=plan.subjects,
-                    retention=RetentionPolicy.LIMITS,
+                    retention=plan.retention,
                     storage=StorageType.FILE,
                     max_age=plan.max_age_s,
                     duplicate_window=plan.duplicate_window_s,

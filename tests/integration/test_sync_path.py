@@ -3,6 +3,7 @@ sync intake, request/reply, bad items, provider faults, TOML handlers, secrets."
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -182,12 +183,19 @@ async def test_embed_handler(make_daemon, nc, prefix) -> None:
 
 
 async def test_normal_items_are_buffered_durably_not_dropped(make_daemon, nc, prefix, emulator) -> None:
-    daemon = await make_daemon()
+    daemon = await make_daemon(batching={"max_wait_s": 3600})
     js = nc.jetstream()
     await publish_items(js, f"{prefix}.in.tags", [{"id": f"n{i}", "text": f"normal {i}"} for i in range(5)])
-    buffered = events(await read_stream(js, daemon.subjects.stream("BUFFER"), f"{prefix}._buffer.>", 5))
-    assert sorted(b["item"]["id"] for b in buffered) == [f"n{i}" for i in range(5)]
-    assert all(b["body"]["model"] == "gpt-4o-mini" and b["intake_seq"] for b in buffered)
+    stream = daemon.subjects.stream("BUFFER")
+    for _ in range(100):
+        info = await js.stream_info(stream, subjects_filter=f"{prefix}._buffer.>")
+        if info.state.messages == 5:
+            break
+        await asyncio.sleep(0.05)
+    assert info.state.messages == 5
+    subject = next(iter(info.state.subjects))
+    first = json.loads((await js.get_msg(stream, seq=info.state.first_seq, next=True, subject=subject)).data)
+    assert first["item"]["id"] == "n0" and first["body"]["model"] == "gpt-4o-mini" and first["intake_seq"]
     info = await js.consumer_info(daemon.subjects.stream("IN"), daemon.settings.nats.consumer)
     assert info.num_ack_pending == 0
     assert emulator.stats.get("chat_requests_ok", 0) == 0

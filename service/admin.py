@@ -1,0 +1,120 @@
+"""Operator commands that read or act on the durable state over NATS: ``batches``,
+``dlq`` and ``status``. They need only NATS, not the provider: cancelling a batch is
+asked of the daemon that owns it (request/reply on ``<prefix>._control.cancel``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from service.natsconn import connect_kwargs, servers
+from service.settings import Settings
+from service.state.batches import BatchRecord, BatchStore
+from service.subjects import Subjects
+
+
+class AdminError(Exception):
+    """A command could not do what was asked; the message says why."""
+
+
+@asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Client]:
+    url = settings.nats.url or f"nats://127.0.0.1:{settings.nats.embedded_port}"
+    try:
+        nc = await nats.connect(
+            servers(url), connect_timeout=5, max_reconnect_attempts=1, **connect_kwargs(settings.nats)
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise AdminError(f"cannot reach NATS at {url}: {exc} (is the daemon running?)") from None
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def list_batches(settings: Settings) -> list[BatchRecord]:
+    subjects = Subjects(settings.nats.subject_prefix)
+    async with connect(settings) as nc:
+        store = await BatchStore.open(
+            nc.jetstream(), subjects.stream_suffix, replicas=settings.nats.stream_replicas
+        )
+        return await store.all()
+
+
+async def show_batch(settings: Settings, ident: str) -> BatchRecord:
+    for record in await list_batches(settings):
+        if ident in (record.flush_id, record.batch_id) or ident in record.previous_batch_ids:
+            return record
+    raise AdminError(f"no batch {ident!r} is known to this deployment")
+
+
+async def cancel_batch(settings: Settings, batch_id: str) -> dict[str, Any]:
+    subjects = Subjects(settings.nats.subject_prefix)
+    async with connect(settings) as nc:
+        try:
+            reply = await nc.request(
+                subjects.control("cancel"), json.dumps({"batch_id": batch_id}).encode(), timeout=30
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise AdminError(f"no daemon answered the cancel request: {exc}") from None
+    answer: dict[str, Any] = json.loads(reply.data)
+    if answer.get("error"):
+        raise AdminError(str(answer["error"]))
+    return answer
+
+
+async def dlq_entries(
+    settings: Settings, *, handler: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    subjects = Subjects(settings.nats.subject_prefix)
+    async with connect(settings) as nc:
+        js = nc.jetstream()
+        stream = subjects.stream("DLQ")
+        info = await js.stream_info(stream)
+        if not info.state.messages:
+            return []
+        sub = await js.pull_subscribe(
+            subjects.dlq(handler) if handler else subjects.dlq(">"),
+            stream=stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+        )
+        out: list[dict[str, Any]] = []
+        try:
+            while len(out) < min(limit, info.state.messages):
+                try:
+                    msgs = await sub.fetch(min(500, limit - len(out)), timeout=1.0)
+                except Exception:  # noqa: BLE001 - nothing more to read
+                    break
+                for m in msgs:
+                    entry = json.loads(m.data)
+                    entry["_seq"] = m.metadata.sequence.stream
+                    out.append(entry)
+        finally:
+            await sub.unsubscribe()
+        return out
+
+
+async def replay_dlq(settings: Settings, *, handler: str | None = None) -> tuple[int, int]:
+    """Send dead letters that can be replayed through intake again, and remove them from
+    the DLQ. Returns (replayed, skipped): entries without a parsed item (bad JSON, not
+    UTF-8...) cannot be replayed unchanged and stay."""
+    subjects = Subjects(settings.nats.subject_prefix)
+    entries = await dlq_entries(settings, handler=handler, limit=1_000_000)
+    replayed = skipped = 0
+    async with connect(settings) as nc:
+        js = nc.jetstream()
+        for entry in entries:
+            item = entry.get("item")
+            if not isinstance(item, dict):
+                skipped += 1
+                continue
+            await js.publish(subjects.intake_prefix + entry["handler"], json.dumps(item).encode())
+            await js.delete_msg(subjects.stream("DLQ"), entry["_seq"])
+            replayed += 1
+    return replayed, skipped

@@ -1,0 +1,119 @@
+"""Turning a finished provider batch into one action per item, pure: an ok result, an
+error (also dead-lettered), or a retry in a later batch. Decided from the batch status,
+its validation errors and the mapped output/error lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from handlers import HandlerSpec
+from service.core.batchfile import LineFailed, LineOk, LineOutcome
+from service.core.cost import Usage
+from service.core.errors import EnrichError, ErrorInfo, InvalidOutputError
+from service.providers.openai_batch import BatchInfo
+
+
+@dataclass(frozen=True)
+class Ok:
+    result: Any
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Fail:
+    error: ErrorInfo
+    usage: Usage
+    last_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    reason: str
+
+
+Action = Ok | Fail | Retry
+
+
+def _usage(body: dict[str, Any]) -> Usage:
+    usage = body.get("usage") or {}
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def failed_batch_actions(info: BatchInfo, count: int) -> list[Action]:
+    """A batch that failed validation: lines the provider names are bad for good; the rest
+    never ran and are retried."""
+    bad: dict[int, str] = {}
+    for e in info.errors:
+        if e.line is not None and 1 <= e.line <= count:
+            bad[e.line - 1] = f"{e.code}: {e.message}"
+    summary = "; ".join(f"{e.code}: {e.message}" for e in info.errors[:3]) or "batch failed validation"
+    actions: list[Action] = []
+    for index in range(count):
+        if index in bad:
+            actions.append(
+                Fail(
+                    ErrorInfo("bad_request", f"rejected by batch validation: {bad[index]}", False),
+                    Usage(0, 0),
+                    bad[index],
+                )
+            )
+        else:
+            actions.append(Retry(f"batch failed: {summary}"))
+    return actions
+
+
+def line_action(
+    spec: HandlerSpec | None, outcome: LineOutcome | None, *, status: str, attempts: int, max_attempts: int
+) -> Action:
+    """One item of a completed, expired or cancelled batch."""
+    if spec is None:
+        return Fail(
+            ErrorInfo("unknown_handler", "the handler was removed from the configuration", False), Usage(0, 0)
+        )
+    if isinstance(outcome, LineOk):
+        usage = _usage(outcome.body)
+        try:
+            return Ok(spec.parse(outcome.body), usage)
+        except InvalidOutputError as exc:
+            if exc.code == "invalid_output" and attempts < 2:
+                return Retry("invalid output")
+            return Fail(exc.info(), usage, exc.message)
+    if status == "cancelled" and (outcome is None or outcome.error.retryable):
+        # The operator (or provider) cancelled the batch: requests that did not run end here.
+        return Fail(
+            ErrorInfo("batch_cancelled", "the batch was cancelled before this request ran", True), Usage(0, 0)
+        )
+    if outcome is None:
+        error: EnrichError = EnrichError(
+            "provider_error", f"no result line for this request ({status})", retryable=True
+        )
+    else:
+        assert isinstance(outcome, LineFailed)
+        error = outcome.error
+    if error.retryable and attempts < max_attempts:
+        return Retry(error.code)
+    info = error.info()
+    if error.retryable:
+        info = ErrorInfo(error.code, f"gave up after {attempts} batches: {error.message}", True)
+    return Fail(info, Usage(0, 0), error.message)
+
+
+def completed_batch_actions(
+    items: list[dict[str, Any]],
+    lines: dict[str, LineOutcome],
+    registry: dict[str, HandlerSpec],
+    *,
+    status: str,
+    max_attempts: int,
+) -> list[Action]:
+    return [
+        line_action(
+            registry.get(item["handler"]),
+            lines.get(item["cid"]),
+            status=status,
+            attempts=int(item.get("batch_attempts", 0)) + 1,
+            max_attempts=max_attempts,
+        )
+        for item in items
+    ]

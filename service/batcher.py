@@ -1,0 +1,555 @@
+"""The batch path: flush buffers into provider batches, follow them, publish results.
+
+Loops (named tasks owned by the daemon):
+* ``flush``: watches the buffer stream; when the pure policy says a buffer is due it
+  takes the buffered messages, writes the flush (items + record) to JetStream, and only
+  then acks them.
+* ``poll``: advances every active batch record this replica owns (or whose owner's
+  lease expired): submit → poll → publish results. Every step is safe to repeat after a
+  crash; docs/durability.md walks through each crash point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from handlers import HandlerSpec
+from service import failpoints
+from service.batch_outcomes import Action, Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
+from service.core.batchfile import LineOutcome, custom_id, encode_line, parse_lines, to_jsonl
+from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
+from service.core.cost import Price, Usage, cost_usd, price_for
+from service.core.errors import ErrorInfo, ProviderError
+from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
+from service.core.tokens import count_chat_tokens, count_tokens
+from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
+from service.sinks.events import EventSink, Redactor, dumps
+from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore, StaleRecordError, seq_ranges
+from service.state.results import ResultStore
+from service.subjects import Subjects
+
+log = logging.getLogger("enrichd.batch")
+PUBLISH_CHUNK = 1000
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    if "messages" in body:
+        return count_chat_tokens(body["messages"])
+    value = body.get("input")
+    return count_tokens(value) if isinstance(value, str) else 0
+
+
+class Batcher:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        subjects: Subjects,
+        store: BatchStore,
+        results: ResultStore,
+        sink: EventSink,
+        redact: Redactor,
+        provider: OpenAIBatchProvider,
+        registry: dict[str, HandlerSpec],
+        policy: BatchPolicy,
+        poll_interval_s: float,
+        max_attempts: int,
+        max_enqueued_tokens: int | None,
+        prices: dict[str, Price],
+        batch_discount: float,
+        instance_id: str,
+        consumer: str,
+        lease_s: float = 120.0,
+    ) -> None:
+        self.js = js
+        self.subjects = subjects
+        self.store = store
+        self.results = results
+        self.sink = sink
+        self.redact = redact
+        self.provider = provider
+        self.registry = registry
+        self.policy = policy
+        self.poll_interval_s = poll_interval_s
+        self.max_attempts = max_attempts
+        self.max_enqueued_tokens = max_enqueued_tokens
+        self.prices = prices
+        self.batch_discount = batch_discount
+        self.instance_id = instance_id
+        self.consumer = consumer
+        self.lease_s = lease_s
+        self._wake = asyncio.Event()
+        self._avg_bytes = 2048.0
+        self._rng = random.Random()
+        self._subs: dict[str, Any] = {}
+
+    def wake(self) -> None:
+        """Something was buffered: re-check thresholds now."""
+        self._wake.set()
+
+    # -- flushing ------------------------------------------------------------------------
+
+    async def buffer_states(self) -> dict[str, BufferState]:
+        stream = self.subjects.stream("BUFFER")
+        info = await self.js.stream_info(stream, subjects_filter=self.subjects.buffer_filter)
+        states: dict[str, BufferState] = {}
+        for subject, count in (info.state.subjects or {}).items():
+            if not count:
+                continue
+            oldest = None
+            try:
+                first = await self.js.get_msg(
+                    stream, seq=info.state.first_seq or 1, next=True, subject=subject
+                )
+                oldest = first.time
+            except Exception:  # noqa: BLE001 - a message flushed meanwhile; age unknown this round
+                oldest = None
+            states[subject] = BufferState(count=count, bytes=int(count * self._avg_bytes), oldest=oldest)
+        return states
+
+    async def flush_loop(self) -> None:
+        while True:
+            delay = 5.0
+            try:
+                now = datetime.now(UTC)
+                for subject, state in (await self.buffer_states()).items():
+                    reason = flush_reason(self.policy, state, now)
+                    if reason is not None:
+                        log.info(
+                            "flushing buffer",
+                            extra={"buffer": subject, "reason": reason, "items": state.count},
+                        )
+                        await self.flush(subject)
+                        delay = 0.0
+                    else:
+                        delay = min(delay, until_next_check(self.policy, state, now))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("flush round failed")
+                delay = 2.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+            except TimeoutError:
+                pass
+
+    async def _buffer_sub(self, subject: str) -> Any:
+        sub = self._subs.get(subject)
+        if sub is None:
+            token = subject.rsplit(".", 1)[-1]
+            durable = f"{self.consumer}_buf_{token}"[:200]
+            sub = await self.js.pull_subscribe(
+                subject,
+                durable=durable,
+                stream=self.subjects.stream("BUFFER"),
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT, ack_wait=300, max_deliver=-1, max_ack_pending=-1
+                ),
+            )
+            self._subs[subject] = sub
+        return sub
+
+    async def _fetch(self, subject: str, limit: int) -> list[Any]:
+        sub = await self._buffer_sub(subject)
+        msgs: list[Any] = []
+        while len(msgs) < limit:
+            try:
+                batch = await sub.fetch(min(1000, limit - len(msgs)), timeout=0.3)
+            except TimeoutError:
+                break
+            except Exception as exc:  # noqa: BLE001 - nats raises its own TimeoutError subclasses
+                if "imeout" in type(exc).__name__:
+                    break
+                raise
+            msgs.extend(batch)
+            if not batch:
+                break
+        return msgs
+
+    async def flush(self, subject: str) -> BatchRecord | None:
+        """Move up to one batch worth of buffered items into a durable flush record."""
+        msgs = await self._fetch(subject, self.policy.max_items)
+        if not msgs:
+            return None
+        seqs = [m.metadata.sequence.stream for m in msgs]
+        flush_id = f"f{min(seqs)}-{subject.rsplit('.', 1)[-1]}"[:120]
+        existing = await self.store.get(flush_id)
+        if existing is not None:
+            # We crashed after writing this flush and before acking: ack what it holds.
+            for m in msgs:
+                await (m.ack() if existing.holds_seq(m.metadata.sequence.stream) else m.nak())
+            return None
+        records, unique, seen = [], [], set()
+        for m in msgs:
+            r = json.loads(m.data)
+            r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
+            if r["cid"] in seen:  # the same intake message buffered twice: send it once
+                await m.ack()
+                continue
+            seen.add(r["cid"])
+            records.append(r)
+            unique.append(m)
+        msgs = unique
+        seqs = [m.metadata.sequence.stream for m in msgs]
+        lines = [encode_line(r["cid"], r["endpoint"], r["body"]) for r in records]
+        self._avg_bytes = 0.8 * self._avg_bytes + 0.2 * (sum(len(x) for x in lines) / len(lines))
+        tokens = [estimate_tokens(r["body"]) for r in records]
+        n = take(
+            [len(x) + 8 for x in lines], max_items=self.policy.max_items, max_bytes=self.policy.max_bytes
+        )
+        if self.max_enqueued_tokens:
+            total, fit = 0, 0
+            for t in tokens[:n]:
+                if fit and total + t > self.max_enqueued_tokens:
+                    break
+                total += t
+                fit += 1
+            n = fit
+        keep, later = msgs[:n], msgs[n:]
+        kept = records[:n]
+        first = kept[0]
+        record = BatchRecord(
+            flush_id=flush_id,
+            endpoint=first["endpoint"],
+            model=first["model"],
+            provider="openai",
+            state="prepared",
+            created_at=time.time(),
+            count=n,
+            bytes=sum(len(x) for x in lines[:n]),
+            tokens=sum(tokens[:n]),
+            buffer_ranges=seq_ranges(seqs[:n]),
+            owner=self.instance_id,
+            lease_until=time.time() + self.lease_s,
+            status_changed_at=time.time(),
+        )
+        await self.store.put_items(flush_id, [dumps(r).encode() + b"\n" for r in kept])
+        await self.store.create(record)
+        failpoints.hit("after_flush_record")
+        for m in keep:
+            await m.ack()
+        for m in later:
+            await m.nak()
+        log.info(
+            "flush written",
+            extra={"flush_id": flush_id, "items": n, "tokens": record.tokens, "left_in_buffer": len(later)},
+        )
+        await self._advance(record)
+        return record
+
+    # -- following batches ---------------------------------------------------------------
+
+    async def poll_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("poll round failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def poll_once(self) -> None:
+        now = time.time()
+        for record in await self.store.all():
+            if record.state not in ACTIVE_STATES:
+                continue
+            if record.owner != self.instance_id and record.lease_until > now:
+                continue
+            try:
+                await self._advance(record)
+            except StaleRecordError:
+                log.info("batch record changed under us; skipping", extra={"flush_id": record.flush_id})
+            except ProviderError as exc:
+                log.warning(
+                    "provider call failed while following a batch",
+                    extra={"flush_id": record.flush_id, "error_code": exc.code, "message": exc.message},
+                )
+
+    async def _save(self, record: BatchRecord) -> BatchRecord:
+        record.owner = self.instance_id
+        record.lease_until = time.time() + self.lease_s
+        return await self.store.update(record)
+
+    async def _advance(self, record: BatchRecord) -> None:
+        if record.owner != self.instance_id:
+            record = await self._save(record)  # adopt (CAS: only one replica wins)
+            log.info("adopted batch", extra={"flush_id": record.flush_id, "batch_id": record.batch_id})
+        if record.state == "prepared":
+            await self._submit(record)
+        elif record.state in ("submitted", "finished") and record.batch_id:
+            await self._follow(record)
+
+    async def enqueued_tokens(self, model: str, *, excluding: str) -> int:
+        return sum(
+            r.tokens
+            for r in await self.store.all()
+            if r.state == "submitted" and r.model == model and r.flush_id != excluding
+        )
+
+    async def _submit(self, record: BatchRecord) -> None:
+        if record.not_before > time.time():
+            return
+        if self.max_enqueued_tokens:
+            queued = await self.enqueued_tokens(record.model, excluding=record.flush_id)
+            if queued and queued + record.tokens > self.max_enqueued_tokens:
+                if record.note != "waiting for enqueued tokens":
+                    record.note = "waiting for enqueued tokens"
+                    await self._save(record)
+                return
+        if record.submit_attempts > 0:
+            found = await self.provider.find(record.flush_id, created_after=record.created_at)
+            if found is not None:
+                log.info(
+                    "reconciled batch created before a crash",
+                    extra={"flush_id": record.flush_id, "batch_id": found.id},
+                )
+                await self._mark_submitted(record, found)
+                return
+        items = await self.store.items(record.flush_id)
+        data = to_jsonl(((it["cid"], it["body"]) for it in items), url=record.endpoint)
+        record.submit_attempts += 1
+        record = await self._save(record)  # the attempt is durable before anything is created
+        file_id = await self.provider.upload(f"{record.flush_id}.jsonl", data)
+        failpoints.hit("after_upload")
+        try:
+            info = await self.provider.create(
+                input_file_id=file_id, endpoint=record.endpoint, flush_id=record.flush_id
+            )
+        except ProviderError as exc:
+            found = await self.provider.find(record.flush_id, created_after=record.created_at)
+            if found is None:
+                record.not_before = time.time() + min(600.0, 2.0 ** min(record.submit_attempts, 9))
+                record.note = self.redact(f"create failed: {exc.code}: {exc.message}")
+                await self._save(record)
+                log.warning(
+                    "batch create failed; will retry",
+                    extra={"flush_id": record.flush_id, "error_code": exc.code},
+                )
+                return
+            info = found
+        failpoints.hit("after_create")
+        record.input_file_id = file_id
+        await self._mark_submitted(record, info)
+
+    async def _mark_submitted(self, record: BatchRecord, info: BatchInfo) -> None:
+        record.batch_id = info.id
+        record.state = "submitted"
+        record.provider_status = info.status
+        record.note = None
+        record.status_changed_at = time.time()
+        await self._save(record)
+        await self.sink.lifecycle("batch.submitted", self._event_body(record), msg_id=f"{info.id}:submitted")
+        log.info(
+            "batch submitted", extra={"flush_id": record.flush_id, "batch_id": info.id, "items": record.count}
+        )
+
+    async def _follow(self, record: BatchRecord) -> None:
+        assert record.batch_id is not None
+        info = await self.provider.retrieve(record.batch_id)
+        failpoints.hit("while_polling")
+        if info.status != record.provider_status or info.request_counts != record.request_counts:
+            if info.status != record.provider_status:
+                record.status_changed_at = time.time()
+            record.provider_status = info.status
+            record.request_counts = info.request_counts
+            record = await self._save(record)
+        if info.terminal:
+            await self._finish(record, info)
+
+    async def _finish(self, record: BatchRecord, info: BatchInfo) -> None:
+        items = await self.store.items(record.flush_id)
+        if info.status == "failed" and any(e.code == "token_limit_exceeded" for e in info.errors):
+            await self._requeue_whole(record, info, "token_limit_exceeded")
+            return
+        if info.status == "failed":
+            actions = failed_batch_actions(info, len(items))
+        else:
+            lines = await self._download(info)
+            actions = completed_batch_actions(
+                items, lines, self.registry, status=info.status, max_attempts=self.max_attempts
+            )
+        record.state = "finished"
+        record = await self._save(record)
+        await self._publish(record, info, items, actions)
+
+    async def _requeue_whole(self, record: BatchRecord, info: BatchInfo, why: str) -> None:
+        """The provider refused the whole batch for now: submit the same flush again later."""
+        await self.sink.lifecycle(
+            "batch.failed", {**self._event_body(record), "reason": why}, msg_id=f"{info.id}:failed"
+        )
+        record.previous_batch_ids.append(info.id)
+        record.batch_id = None
+        record.state = "prepared"
+        record.submit_attempts = 0
+        backoff = min(3600.0, self.poll_interval_s * 2 ** min(len(record.previous_batch_ids), 8))
+        record.not_before = time.time() + backoff * (0.5 + self._rng.random() / 2)
+        record.note = f"{why}: resubmitting after {backoff:.0f}s"
+        await self._save(record)
+        log.warning(
+            "batch refused by provider; will resubmit",
+            extra={"flush_id": record.flush_id, "batch_id": info.id, "reason": why},
+        )
+
+    async def _download(self, info: BatchInfo) -> dict[str, LineOutcome]:
+        lines: dict[str, LineOutcome] = {}
+        for file_id in (info.error_file_id, info.output_file_id):  # successes win over errors
+            if not file_id:
+                continue
+            chunks = [chunk async for chunk in self.provider.download(file_id)]
+            for cid, outcome in parse_lines(chunks):
+                lines[cid] = outcome
+        return lines
+
+    # -- results -------------------------------------------------------------------------
+
+    async def _publish(
+        self, record: BatchRecord, info: BatchInfo, items: list[dict[str, Any]], actions: list[Action]
+    ) -> None:
+        counts = {"ok": 0, "error": 0, "retried": 0}
+        for action in actions:
+            counts[
+                "ok" if isinstance(action, Ok) else "error" if isinstance(action, Fail) else "retried"
+            ] += 1
+        start = record.published_upto
+        for begin in range(start, len(items), PUBLISH_CHUNK):
+            chunk = range(begin, min(begin + PUBLISH_CHUNK, len(items)))
+            pending = []
+            for index in chunk:
+                pending.extend(self._messages(record, items[index], actions[index]))
+                if index == begin + PUBLISH_CHUNK // 2:
+                    failpoints.hit("mid_publish")
+            await self._send(pending)
+            record.published_upto = chunk.stop
+            record = await self._save(record)
+        record.state = "published"
+        record.outcome = counts
+        record = await self._save(record)
+        topic = {
+            "completed": "batch.completed",
+            "expired": "batch.expired",
+            "cancelled": "batch.cancelled",
+            "failed": "batch.failed",
+        }.get(info.status, "batch.completed")
+        await self.sink.lifecycle(
+            topic, {**self._event_body(record), **counts}, msg_id=f"{info.id}:{info.status}"
+        )
+        await self.store.drop_items(record.flush_id)
+        if record.input_file_id:
+            await self.provider.delete_file(record.input_file_id)
+        log.info(
+            "batch done",
+            extra={"flush_id": record.flush_id, "batch_id": info.id, "status": info.status, **counts},
+        )
+
+    def _messages(
+        self, record: BatchRecord, item: dict[str, Any], action: Action
+    ) -> list[tuple[str, bytes, dict]]:
+        """The JetStream messages one item's action produces (result, DLQ, KV, buffer)."""
+        data = item["item"]
+        handler = item["handler"]
+        if isinstance(action, Retry):
+            again = {
+                **item,
+                "batch_attempts": int(item.get("batch_attempts", 0)) + 1,
+                "last_batch": record.batch_id,
+            }
+            token = self.subjects.buffer(record_token(record))
+            msg_id = f"{handler}:{data['id']}:{item['intake_seq']}:b{again['batch_attempts']}"
+            return [(token, dumps(again).encode(), {"Nats-Msg-Id": msg_id})]
+        usage = action.usage
+        price = price_for(record.model, self.prices)
+        outcome = Outcome(
+            id=data["id"],
+            handler=handler,
+            route="batch",
+            model=record.model,
+            received_at=datetime.fromisoformat(item["received_at"].replace("Z", "+00:00")),
+            completed_at=datetime.now(UTC),
+            batch_id=record.batch_id,
+            attempts=int(item.get("batch_attempts", 0)) + 1,
+            usage=usage,
+            cost_usd=cost_usd(usage, price, route="batch", batch_discount=self.batch_discount),
+            metadata=data.get("metadata"),
+            source=data.get("source"),
+            result=action.result if isinstance(action, Ok) else None,
+            error=action.error if isinstance(action, Fail) else None,
+        )
+        event = result_event(outcome)
+        out: list[tuple[str, bytes, dict]] = []
+        if isinstance(action, Ok):
+            subject, payload = self.results.put_message(event, intake_seq=item.get("intake_seq"))
+            out.append((subject, payload, {}))
+        else:
+            assert isinstance(action, Fail)
+            entry = dlq_entry(
+                handler=handler,
+                item=data,
+                raw=None,
+                error=action.error,
+                attempts=outcome.attempts,
+                subject=self.subjects.intake_prefix + handler,
+                failed_at=outcome.completed_at,
+                last_provider_message=action.last_message,
+            )
+            msg_id = f"{data['id']}:{handler}:dlq:{item.get('intake_seq')}"
+            out.append(
+                (self.subjects.dlq(handler), self.redact(dumps(entry)).encode(), {"Nats-Msg-Id": msg_id})
+            )
+        out.append(
+            (
+                self.subjects.out(handler),
+                self.redact(dumps(event)).encode(),
+                {"Nats-Msg-Id": result_msg_id(data["id"], handler)},
+            )
+        )
+        return out
+
+    async def _send(self, messages: list[tuple[str, bytes, dict]]) -> None:
+        futures = [await self.js.publish_async(s, p, headers=h or None) for s, p, h in messages]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise RuntimeError(f"{len(failures)} of {len(messages)} publishes failed: {failures[0]!r}")
+
+    def _event_body(self, record: BatchRecord) -> dict[str, Any]:
+        return {
+            "batch_id": record.batch_id,
+            "flush_id": record.flush_id,
+            "model": record.model,
+            "endpoint": record.endpoint,
+            "items": record.count,
+            "tokens": record.tokens,
+            "request_counts": record.request_counts,
+            "status": record.provider_status,
+            "at": iso(datetime.now(UTC)),
+        }
+
+    # -- operator actions ------------------------------------------------------------------
+
+    async def cancel(self, batch_id: str) -> BatchInfo:
+        return await self.provider.cancel(batch_id)
+
+
+def record_token(record: BatchRecord) -> str:
+    from service.core.routing import BufferKey
+
+    return BufferKey(record.provider, record.endpoint, record.model).subject_token()
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+__all__ = ["Batcher", "ErrorInfo", "Usage"]
