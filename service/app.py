@@ -69,6 +69,7 @@ class Daemon:
             servers(self.nats_url),
             security=broker_security(s.nats),
             graceful_timeout=s.shutdown.grace_s,
+            drain_timeout=5.0,
             logger=logging.getLogger("faststream"),
             name="enrichd",
         )
@@ -231,6 +232,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.batcher is not None:
+            await self.batcher.close()
         if self._broker is not None:
             if self._source is not None:
                 # Stop pulling new messages first, then wait for the ones in flight.

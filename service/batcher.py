@@ -536,6 +536,15 @@ class Batcher:
             "at": iso(datetime.now(UTC)),
         }
 
+    async def close(self) -> None:
+        """Release the buffer subscriptions (a pending pull would stall the NATS drain)."""
+        subs, self._subs = self._subs, {}
+        for sub in subs.values():
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may already be closing
+                log.debug("unsubscribe failed", exc_info=True)
+
     # -- operator actions ------------------------------------------------------------------
 
     async def cancel(self, batch_id: str) -> BatchInfo:

@@ -28,8 +28,20 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ports = store / "ports"
     ports.mkdir()
     proc = subprocess.Popen(
-        [str(find_binary()), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(store), "--ports_file_dir", str(ports)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(find_binary()),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "-1",
+            "-js",
+            "-sd",
+            str(store),
+            "--ports_file_dir",
+            str(ports),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     ports_file = ports / f"nats-server_{proc.pid}.ports"
     deadline = time.monotonic() + 10

@@ -17,8 +17,19 @@ async def test_high_priority_tags_item_gets_ok_event(make_daemon, nc, prefix, em
     daemon = await make_daemon()
     js = nc.jetstream()
     email = (FIXTURES / "emails" / "gmail.eml").read_text(errors="replace")
-    await publish_items(js, f"{prefix}.in.tags", [{"id": "mail-1", "text": email, "priority": "high",
-                                                    "metadata": {"mailbox": "ops"}, "source": "email"}])
+    await publish_items(
+        js,
+        f"{prefix}.in.tags",
+        [
+            {
+                "id": "mail-1",
+                "text": email,
+                "priority": "high",
+                "metadata": {"mailbox": "ops"},
+                "source": "email",
+            }
+        ],
+    )
     msgs = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 1)
     assert len(msgs) == 1
     assert msgs[0].headers["Nats-Msg-Id"] == "mail-1:tags"
@@ -36,12 +47,23 @@ async def test_high_priority_tags_item_gets_ok_event(make_daemon, nc, prefix, em
 
 async def test_sync_request_reply(make_daemon, nc, prefix) -> None:
     await make_daemon()
-    reply = await nc.request(f"{prefix}.sync.classify", json.dumps({"id": "q1", "text": "Your invoice is overdue"})
-                             .encode(), timeout=10)
+    reply = await nc.request(
+        f"{prefix}.sync.classify",
+        json.dumps({"id": "q1", "text": "Your invoice is overdue"}).encode(),
+        timeout=10,
+    )
     event = json.loads(reply.data)
     assert event["id"] == "q1" and event["status"] == "ok" and event["route"] == "sync"
-    assert event["result"]["label"] in {"billing", "support", "sales", "personal", "newsletter", "notification",
-                                        "spam", "other"}
+    assert event["result"]["label"] in {
+        "billing",
+        "support",
+        "sales",
+        "personal",
+        "newsletter",
+        "notification",
+        "spam",
+        "other",
+    }
     bad = json.loads((await nc.request(f"{prefix}.sync.nosuch", b'{"text": "x"}', timeout=10)).data)
     assert bad["status"] == "error" and bad["error"]["code"] == "unknown_handler"
 
@@ -79,20 +101,25 @@ async def test_bad_item_corpus_each_gets_error_event_and_dlq(make_daemon, nc, pr
     expected = sorted(code for _, _, code in BAD_ITEMS)
     assert len(set(expected)) == len(BAD_ITEMS) >= 15
     assert sorted(e["error"]["code"] for e in out) == expected
-    assert all(e["status"] == "error" and e["result"] is None and e["error"]["retryable"] is False for e in out)
+    assert all(
+        e["status"] == "error" and e["result"] is None and e["error"]["retryable"] is False for e in out
+    )
     assert sorted(d["error"]["code"] for d in dlq) == expected
     by_code = {d["error"]["code"]: d for d in dlq}
     assert by_code["invalid_utf8"]["item"] is None and "not utf-8" in by_code["invalid_utf8"]["raw"]
     assert by_code["missing_template_field"]["item"]["id"] == "b-template"
     assert {e["id"] for e in out if e["error"]["code"] == "invalid_text"} == {"b-int"}
     # the daemon keeps serving good items
-    await js.publish(f"{prefix}.in.sentiment", json.dumps({"id": "good", "text": "great!", "priority": "urgent"})
-                     .encode())
+    await js.publish(
+        f"{prefix}.in.sentiment", json.dumps({"id": "good", "text": "great!", "priority": "urgent"}).encode()
+    )
     good = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.sentiment", 1))
     assert good[0]["id"] == "good" and good[0]["status"] == "ok"
 
 
-async def test_transient_faults_are_retried_and_urgent_items_succeed(make_daemon, nc, prefix, emulator) -> None:
+async def test_transient_faults_are_retried_and_urgent_items_succeed(
+    make_daemon, nc, prefix, emulator
+) -> None:
     from service.emulator import FaultConfig
 
     daemon = await make_daemon()
@@ -110,15 +137,24 @@ async def test_transient_faults_are_retried_and_urgent_items_succeed(make_daemon
 async def test_permanent_errors_are_not_retried(make_daemon, nc, prefix, emulator) -> None:
     daemon = await make_daemon()
     js = nc.jetstream()
-    await publish_items(js, f"{prefix}.in.tags", [
-        {"id": "p400", "text": "please fail [[emulator:status=400]]", "priority": "urgent"},
-        {"id": "p404", "text": "no model [[emulator:status=404]]", "priority": "urgent"},
-    ])
-    out = {e["id"]: e for e in events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 2))}
+    await publish_items(
+        js,
+        f"{prefix}.in.tags",
+        [
+            {"id": "p400", "text": "please fail [[emulator:status=400]]", "priority": "urgent"},
+            {"id": "p404", "text": "no model [[emulator:status=404]]", "priority": "urgent"},
+        ],
+    )
+    out = {
+        e["id"]: e
+        for e in events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 2))
+    }
     assert out["p400"]["error"]["code"] == "bad_request" and out["p400"]["attempts"] == 1
     assert out["p404"]["error"]["code"] == "not_found" and out["p404"]["attempts"] == 1
-    dlq = {e["item"]["id"]: e for e in events(
-        await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.tags", 2))}
+    dlq = {
+        e["item"]["id"]: e
+        for e in events(await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.tags", 2))
+    }
     assert dlq["p400"]["error"]["code"] == "bad_request" and dlq["p400"]["attempts"] == 1
     assert dlq["p400"]["last_provider_message"]
 
@@ -151,8 +187,11 @@ async def test_invalid_output_is_retried_once_then_dead_lettered(make_daemon, nc
     daemon = await make_daemon()
     js = nc.jetstream()
     before = emulator.stats.get("chat_requests_ok", 0)
-    await publish_items(js, f"{prefix}.in.sentiment", [
-        {"id": "inv", "text": "garbage please [[emulator:invalid_json]]", "priority": "urgent"}])
+    await publish_items(
+        js,
+        f"{prefix}.in.sentiment",
+        [{"id": "inv", "text": "garbage please [[emulator:invalid_json]]", "priority": "urgent"}],
+    )
     out = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.sentiment", 1))
     assert out[0]["error"]["code"] == "invalid_output" and out[0]["attempts"] == 2
     assert emulator.stats.get("chat_requests_ok", 0) - before == 2
@@ -162,13 +201,24 @@ async def test_invalid_output_is_retried_once_then_dead_lettered(make_daemon, nc
 
 
 async def test_toml_text_handler_end_to_end(make_daemon, nc, prefix) -> None:
-    daemon = await make_daemon(handlers={"gist": {
-        "model": "gpt-4o-mini", "system": "You summarise notes in one sentence.",
-        "prompt": "Summarise this note titled {title}:\n\n{text}", "output": "text", "max_output_tokens": 200}})
+    daemon = await make_daemon(
+        handlers={
+            "gist": {
+                "model": "gpt-4o-mini",
+                "system": "You summarise notes in one sentence.",
+                "prompt": "Summarise this note titled {title}:\n\n{text}",
+                "output": "text",
+                "max_output_tokens": 200,
+            }
+        }
+    )
     js = nc.jetstream()
     note = (FIXTURES / "notes" / "References" / "Kyoto.md").read_text()
-    await publish_items(js, f"{prefix}.in.gist", [
-        {"id": "note-1", "text": note, "fields": {"title": "Kyoto"}, "priority": "urgent"}])
+    await publish_items(
+        js,
+        f"{prefix}.in.gist",
+        [{"id": "note-1", "text": note, "fields": {"title": "Kyoto"}, "priority": "urgent"}],
+    )
     out = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.gist", 1))
     assert out[0]["status"] == "ok" and isinstance(out[0]["result"], str) and out[0]["result"]
 
@@ -221,7 +271,9 @@ async def test_forty_high_priority_items_all_answered_once(make_daemon, nc, pref
     daemon = await make_daemon()
     emulator.set_faults(FaultConfig(latency_s=0.05))
     js = nc.jetstream()
-    await publish_items(js, f"{prefix}.in.tags", [{"text": f"item {i}", "priority": "high"} for i in range(40)])
+    await publish_items(
+        js, f"{prefix}.in.tags", [{"text": f"item {i}", "priority": "high"} for i in range(40)]
+    )
     out = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 41, timeout_s=8))
     assert len(out) == 40 and len({e["id"] for e in out}) == 40
     assert all(e["status"] == "ok" for e in out)

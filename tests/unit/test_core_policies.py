@@ -33,7 +33,9 @@ def item(priority: str = "normal", deadline: datetime | None = None) -> Item:
     ],
 )
 def test_route(priority: str, deadline: datetime | None, expected: type) -> None:
-    decision = route(item(priority, deadline), endpoint="/v1/chat/completions", model="m", rules=RULES, now=NOW)
+    decision = route(
+        item(priority, deadline), endpoint="/v1/chat/completions", model="m", rules=RULES, now=NOW
+    )
     assert isinstance(decision, expected)
     if isinstance(decision, BatchRoute):
         assert decision.key == BufferKey("openai", "/v1/chat/completions", "m")
@@ -49,7 +51,9 @@ def test_sync_priorities_setting_changes_routing() -> None:
     assert isinstance(route(item("high"), endpoint="e", model="m", rules=rules, now=NOW), BatchRoute)
 
 
-POLICY = RetryPolicy(max_attempts=3, base_s=1.0, max_backoff_s=8.0, max_elapsed_s=100.0, max_rate_limit_waits=2)
+POLICY = RetryPolicy(
+    max_attempts=3, base_s=1.0, max_backoff_s=8.0, max_elapsed_s=100.0, max_rate_limit_waits=2
+)
 
 
 def err(code: str, retryable: bool, after: float | None = None) -> ProviderError:
@@ -60,8 +64,14 @@ def test_permanent_errors_are_not_retried() -> None:
     for code in ("bad_request", "auth_failed", "not_found"):
         d = decide(POLICY, err(code, False), attempt=1, rate_limit_waits=0, elapsed_s=0, rng=random.Random(1))
         assert not d.retry
-    d = decide(POLICY, InvalidOutputError("refused", "no"), attempt=1, rate_limit_waits=0, elapsed_s=0,
-               rng=random.Random(1))
+    d = decide(
+        POLICY,
+        InvalidOutputError("refused", "no"),
+        attempt=1,
+        rate_limit_waits=0,
+        elapsed_s=0,
+        rng=random.Random(1),
+    )
     assert not d.retry
 
 
@@ -69,30 +79,58 @@ def test_server_errors_back_off_with_full_jitter_and_stop_at_max_attempts() -> N
     rng = random.Random(7)
     delays = []
     for attempt in (1, 2):
-        d = decide(POLICY, err("provider_error", True), attempt=attempt, rate_limit_waits=0, elapsed_s=0, rng=rng)
+        d = decide(
+            POLICY, err("provider_error", True), attempt=attempt, rate_limit_waits=0, elapsed_s=0, rng=rng
+        )
         assert d.retry and d.counts_as_attempt
         delays.append(d.delay_s)
     assert 0 <= delays[0] <= 1.0 and 0 <= delays[1] <= 2.0
-    assert not decide(POLICY, err("provider_error", True), attempt=3, rate_limit_waits=0, elapsed_s=0, rng=rng).retry
+    assert not decide(
+        POLICY, err("provider_error", True), attempt=3, rate_limit_waits=0, elapsed_s=0, rng=rng
+    ).retry
 
 
 def test_rate_limit_honours_retry_after_without_using_an_attempt() -> None:
-    d = decide(POLICY, err("rate_limited", True, after=3.0), attempt=3, rate_limit_waits=0, elapsed_s=0,
-               rng=random.Random(1))
+    d = decide(
+        POLICY,
+        err("rate_limited", True, after=3.0),
+        attempt=3,
+        rate_limit_waits=0,
+        elapsed_s=0,
+        rng=random.Random(1),
+    )
     assert d.retry and not d.counts_as_attempt
     assert 3.0 <= d.delay_s <= 4.0
     # after max_rate_limit_waits free waits, a 429 counts like any retryable error
-    d = decide(POLICY, err("rate_limited", True, after=3.0), attempt=3, rate_limit_waits=2, elapsed_s=0,
-               rng=random.Random(1))
+    d = decide(
+        POLICY,
+        err("rate_limited", True, after=3.0),
+        attempt=3,
+        rate_limit_waits=2,
+        elapsed_s=0,
+        rng=random.Random(1),
+    )
     assert not d.retry
 
 
 def test_retry_after_beats_a_shorter_backoff_and_elapsed_budget_caps_everything() -> None:
-    d = decide(POLICY, err("provider_error", True, after=5.0), attempt=1, rate_limit_waits=0, elapsed_s=0,
-               rng=random.Random(1))
+    d = decide(
+        POLICY,
+        err("provider_error", True, after=5.0),
+        attempt=1,
+        rate_limit_waits=0,
+        elapsed_s=0,
+        rng=random.Random(1),
+    )
     assert d.delay_s == 5.0
-    assert not decide(POLICY, err("provider_error", True, after=5.0), attempt=1, rate_limit_waits=0,
-                      elapsed_s=99.0, rng=random.Random(1)).retry
+    assert not decide(
+        POLICY,
+        err("provider_error", True, after=5.0),
+        attempt=1,
+        rate_limit_waits=0,
+        elapsed_s=99.0,
+        rng=random.Random(1),
+    ).retry
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,15 @@ REG = build_registry({}, chat_model="gpt-4o-mini", embedding_model="text-embeddi
 
 
 def chat_response(content: str | None, finish: str = "stop", refusal: str | None = None) -> dict:
-    return {"choices": [{"message": {"role": "assistant", "content": content, "refusal": refusal},
-                         "finish_reason": finish}], "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
+    return {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": content, "refusal": refusal},
+                "finish_reason": finish,
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+    }
 
 
 def test_six_builtins() -> None:
@@ -42,7 +49,9 @@ def test_structured_body_uses_json_schema_response_format() -> None:
 def test_parse_validates_against_schema() -> None:
     spec = REG["sentiment"]
     assert spec.parse(chat_response('{"sentiment": "positive", "score": 0.5}')) == {
-        "sentiment": "positive", "score": 0.5}
+        "sentiment": "positive",
+        "score": 0.5,
+    }
     with pytest.raises(InvalidOutputError) as bad:
         spec.parse(chat_response('{"sentiment": "ecstatic", "score": 0.5}'))
     assert bad.value.code == "invalid_output"
@@ -66,9 +75,16 @@ def test_embedding_parse() -> None:
 
 def test_toml_text_handler_with_fields() -> None:
     reg = build_registry(
-        {"gist": {"system": "One sentence.", "prompt": "Summarise the note titled {title}:\n\n{text}",
-                  "output": "text", "max_output_tokens": 200}},
-        chat_model="gpt-4o-mini", embedding_model="e",
+        {
+            "gist": {
+                "system": "One sentence.",
+                "prompt": "Summarise the note titled {title}:\n\n{text}",
+                "output": "text",
+                "max_output_tokens": 200,
+            }
+        },
+        chat_model="gpt-4o-mini",
+        embedding_model="e",
     )
     spec = reg["gist"]
     body = spec.build_body(Item(id="1", handler="gist", text="body", fields={"title": "Q3"}))
@@ -82,7 +98,9 @@ def test_toml_text_handler_with_fields() -> None:
 
 
 def test_override_builtin_model_only() -> None:
-    reg = build_registry({"summarize": {"model": "gpt-4.1-mini"}}, chat_model="gpt-4o-mini", embedding_model="e")
+    reg = build_registry(
+        {"summarize": {"model": "gpt-4.1-mini"}}, chat_model="gpt-4o-mini", embedding_model="e"
+    )
     assert reg["summarize"].model == "gpt-4.1-mini"
     assert reg["summarize"].output == REG["summarize"].output
 
@@ -105,7 +123,11 @@ def test_bad_handler_tables_name_the_key(table: dict, key: str) -> None:
 
 
 def test_structured_toml_handler() -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
     reg = build_registry({"where": {"output": schema}}, chat_model="m", embedding_model="e")
     assert reg["where"].parse(chat_response(json.dumps({"city": "Kyoto"}))) == {"city": "Kyoto"}

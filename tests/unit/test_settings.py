@@ -33,7 +33,12 @@ def test_defaults_match_the_contract() -> None:
     assert s.folders.inbox == Path("./inbox") and s.folders.outbox == Path("./outbox")
     b = s.batching
     assert (b.max_items, b.max_bytes, b.max_wait_s, b.poll_interval_s, b.max_latency_s) == (
-        50000, 190000000, 600, 30, 86400)
+        50000,
+        190000000,
+        600,
+        30,
+        86400,
+    )
     assert s.routing.sync_priorities == ["urgent", "high"]
     assert s.telemetry.metrics_port == 9464
     assert s.limits.max_item_bytes == 1024 * 1024

@@ -1,0 +1,196 @@
+"""The batch path against the emulator's Batch API: flushing, mapping, failure
+scenarios, result caching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.conftest import events, read_stream
+
+FAST = {"max_wait_s": 0.5, "poll_interval_s": 0.2}
+
+
+async def publish_many(js: Any, subject: str, items: list[dict[str, Any]]) -> None:
+    futures = [await js.publish_async(subject, json.dumps(item).encode()) for item in items]
+    await asyncio.gather(*futures)
+
+
+def batch_events(msgs: list[Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for e in events(msgs):
+        assert e["id"] not in out, f"duplicate result for {e['id']}"
+        out[e["id"]] = e
+    return out
+
+
+@pytest.mark.slow
+async def test_ten_thousand_items_make_five_batches(make_daemon, nc, prefix, emulator) -> None:
+    daemon = await make_daemon(batching={"max_items": 2000, "max_wait_s": 3600, "poll_interval_s": 0.3})
+    js = nc.jetstream(publish_async_max_pending=4000)
+    items = [{"id": f"n{i:05d}", "text": f"note number {i} about topic {i % 17}"} for i in range(10_000)]
+    await publish_many(js, f"{prefix}.in.tags", items)
+    msgs = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 10_000, timeout_s=120)
+    out = batch_events(msgs)
+    assert len(out) == 10_000
+    assert all(e["status"] == "ok" and e["route"] == "batch" and e["batch_id"] for e in out.values())
+    assert len({e["batch_id"] for e in out.values()}) == 5
+    assert emulator.stats["batches_created"] == 5
+    assert all(e["cost_usd"] > 0 for e in out.values())
+    sent = Counter(emulator.stats["custom_ids_submitted"])
+    assert len(sent) == 10_000 and set(sent.values()) == {1}
+    completed = events(
+        await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.batch.completed", 5)
+    )
+    assert sorted(e["ok"] for e in completed) == [2000] * 5
+
+
+async def test_results_map_back_whatever_the_order(make_daemon, nc, prefix, emulator) -> None:
+    daemon = await make_daemon(batching=FAST)
+    js = nc.jetstream()
+    items = [{"id": f"m{i}", "text": f"message {i}", "metadata": {"n": i}} for i in range(50)]
+    await publish_many(js, f"{prefix}.in.sentiment", items)
+    out = batch_events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.sentiment", 50))
+    assert len(out) == 50
+    for i in range(50):
+        assert out[f"m{i}"]["metadata"] == {"n": i}
+        assert out[f"m{i}"]["result"]["sentiment"] in {"positive", "neutral", "negative", "mixed"}
+    submitted = events(
+        await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.batch.submitted", 1)
+    )
+    assert submitted[0]["items"] == 50
+
+
+async def test_per_line_errors_retry_or_dead_letter(make_daemon, nc, prefix, emulator) -> None:
+    daemon = await make_daemon(batching=FAST)
+    js = nc.jetstream()
+    items = [{"id": f"ok{i}", "text": f"fine {i}"} for i in range(10)]
+    items.append({"id": "perm", "text": "bad request [[emulator:status=400]]"})
+    items.append({"id": "ctx", "text": "too long [[emulator:context_length]]"})
+    await publish_many(js, f"{prefix}.in.tags", items)
+    out = batch_events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 12))
+    assert out["perm"]["status"] == "error" and out["perm"]["error"]["code"] == "bad_request"
+    assert out["ctx"]["error"]["code"] == "context_length_exceeded"
+    assert all(out[f"ok{i}"]["status"] == "ok" for i in range(10))
+    dlq = events(await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.tags", 2))
+    assert sorted(d["item"]["id"] for d in dlq) == ["ctx", "perm"]
+
+
+async def test_transient_line_errors_go_into_a_later_batch(make_daemon, nc, prefix, emulator) -> None:
+    from service.emulator import FaultConfig
+
+    daemon = await make_daemon(batching=FAST)
+    emulator.set_faults(FaultConfig(batch_line_error_rate=0.3))
+    js = nc.jetstream()
+    await publish_many(js, f"{prefix}.in.tags", [{"id": f"t{i}", "text": f"text {i}"} for i in range(40)])
+    await asyncio.sleep(1.5)
+    emulator.set_faults(FaultConfig())
+    out = batch_events(
+        await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 40, timeout_s=40)
+    )
+    assert len(out) == 40 and all(e["status"] == "ok" for e in out.values())
+    assert emulator.stats["batches_created"] >= 2
+    assert max(e["attempts"] for e in out.values()) >= 2
+
+
+async def test_failed_validation_resubmits(make_daemon, nc, prefix, emulator) -> None:
+    from service.emulator import FaultConfig
+
+    daemon = await make_daemon(batching=FAST)
+    emulator.set_faults(FaultConfig(batch_faults_next=["fail_validation"]))
+    js = nc.jetstream()
+    await publish_many(js, f"{prefix}.in.tags", [{"id": f"v{i}", "text": f"text {i}"} for i in range(20)])
+    out = batch_events(
+        await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 20, timeout_s=40)
+    )
+    assert len(out) == 20 and all(e["status"] in ("ok", "error") for e in out.values())
+    errors = [e for e in out.values() if e["status"] == "error"]
+    assert all(e["error"]["code"] == "bad_request" for e in errors)
+    assert emulator.stats["batches_created"] >= 2
+    failed = events(
+        await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.batch.failed", 1)
+    )
+    assert failed[0]["status"] == "failed"
+    if errors:
+        dlq = events(await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.tags", len(errors)))
+        assert len(dlq) == len(errors)
+
+
+async def test_expired_batch_keeps_finished_lines_and_resubmits_the_rest(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    from service.emulator import FaultConfig
+
+    daemon = await make_daemon(batching=FAST)
+    emulator.set_faults(FaultConfig(batch_faults_next=["expire"], batch_expire_fraction=0.5))
+    js = nc.jetstream()
+    await publish_many(js, f"{prefix}.in.tags", [{"id": f"e{i}", "text": f"text {i}"} for i in range(30)])
+    out = batch_events(
+        await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 30, timeout_s=40)
+    )
+    assert len(out) == 30 and all(e["status"] == "ok" for e in out.values())
+    by_batch = Counter(e["batch_id"] for e in out.values())
+    assert len(by_batch) == 2
+    sent = Counter(emulator.stats["custom_ids_submitted"])
+    assert sum(1 for n in sent.values() if n == 2) == min(by_batch.values())  # only the unfinished resent
+    await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.batch.expired", 1)
+
+
+async def test_token_limit_exceeded_backs_off_and_resubmits(make_daemon, nc, prefix, emulator) -> None:
+    from service.emulator import FaultConfig
+
+    daemon = await make_daemon(batching=FAST)
+    emulator.set_faults(FaultConfig(batch_faults_next=["token_limit"]))
+    js = nc.jetstream()
+    await publish_many(js, f"{prefix}.in.tags", [{"id": f"k{i}", "text": f"text {i}"} for i in range(10)])
+    out = batch_events(
+        await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 10, timeout_s=40)
+    )
+    assert len(out) == 10 and all(e["status"] == "ok" for e in out.values())
+    assert emulator.stats["batches_created"] == 2
+    failed = events(
+        await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.batch.failed", 1)
+    )
+    assert failed[0]["reason"] == "token_limit_exceeded"
+
+
+async def test_cancelled_batch_ends_its_items_as_errors(make_daemon, nc, prefix, emulator) -> None:
+    from service.emulator import FaultConfig
+
+    daemon = await make_daemon(batching=FAST)
+    emulator.set_faults(FaultConfig(batch_faults_next=["cancel"]))
+    js = nc.jetstream()
+    await publish_many(js, f"{prefix}.in.tags", [{"id": f"c{i}", "text": f"text {i}"} for i in range(10)])
+    out = batch_events(
+        await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 10, timeout_s=40)
+    )
+    assert len(out) == 10
+    errors = [e for e in out.values() if e["status"] == "error"]
+    assert errors and all(e["error"]["code"] == "batch_cancelled" and e["error"]["retryable"] for e in errors)
+    dlq = events(await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.tags", len(errors)))
+    assert len(dlq) == len(errors)
+    await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.batch.cancelled", 1)
+
+
+async def test_resubmitted_answered_ids_are_cached_without_provider_calls(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    daemon = await make_daemon(batching={"max_items": 1000, "max_wait_s": 0.5, "poll_interval_s": 0.2})
+    js = nc.jetstream(publish_async_max_pending=2000)
+    items = [{"id": f"r{i}", "text": f"repeat me {i}"} for i in range(1000)]
+    await publish_many(js, f"{prefix}.in.tags", items)
+    first = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 1000, timeout_s=60)
+    assert len(first) == 1000
+    before = dict(emulator.stats["requests"])
+    await publish_many(js, f"{prefix}.in.tags", items)
+    both = events(
+        await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 2000, timeout_s=60)
+    )
+    cached = [e for e in both[1000:] if e["cached"]]
+    assert len(cached) == 1000 and {e["id"] for e in cached} == {f"r{i}" for i in range(1000)}
+    assert all(e["cost_usd"] == 0 and e["status"] == "ok" for e in cached)
+    assert dict(emulator.stats["requests"]) == before
