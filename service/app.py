@@ -69,7 +69,7 @@ class Daemon:
             servers(self.nats_url),
             security=broker_security(s.nats),
             graceful_timeout=s.shutdown.grace_s,
-            drain_timeout=5.0,
+            drain_timeout=5,
             logger=logging.getLogger("faststream"),
             name="enrichd",
         )
@@ -130,6 +130,7 @@ class Daemon:
             batch_discount=s.batch_discount,
             instance_id=s.instance,
             consumer=s.nats.consumer,
+            results_chunk=s.batching.results_chunk,
         )
         self.pipeline.on_buffered = self.batcher.wake
         self._source = NatsSource(

@@ -39,7 +39,8 @@ from service.state.results import ResultStore
 from service.subjects import Subjects
 
 log = logging.getLogger("enrichd.batch")
-PUBLISH_CHUNK = 1000
+# subject, payload, headers
+Message = tuple[str, bytes, dict[str, str]]
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
@@ -70,6 +71,7 @@ class Batcher:
         instance_id: str,
         consumer: str,
         lease_s: float = 120.0,
+        results_chunk: int = 1000,
     ) -> None:
         self.js = js
         self.subjects = subjects
@@ -88,6 +90,7 @@ class Batcher:
         self.instance_id = instance_id
         self.consumer = consumer
         self.lease_s = lease_s
+        self.results_chunk = results_chunk
         self._wake = asyncio.Event()
         self._avg_bytes = 2048.0
         self._rng = random.Random()
@@ -227,7 +230,7 @@ class Batcher:
             state="prepared",
             created_at=time.time(),
             count=n,
-            bytes=sum(len(x) for x in lines[:n]),
+            size_bytes=sum(len(x) for x in lines[:n]),
             tokens=sum(tokens[:n]),
             buffer_ranges=seq_ranges(seqs[:n]),
             owner=self.instance_id,
@@ -423,14 +426,13 @@ class Batcher:
                 "ok" if isinstance(action, Ok) else "error" if isinstance(action, Fail) else "retried"
             ] += 1
         start = record.published_upto
-        for begin in range(start, len(items), PUBLISH_CHUNK):
-            chunk = range(begin, min(begin + PUBLISH_CHUNK, len(items)))
+        for begin in range(start, len(items), self.results_chunk):
+            chunk = range(begin, min(begin + self.results_chunk, len(items)))
             pending = []
             for index in chunk:
                 pending.extend(self._messages(record, items[index], actions[index]))
-                if index == begin + PUBLISH_CHUNK // 2:
-                    failpoints.hit("mid_publish")
             await self._send(pending)
+            failpoints.hit("mid_publish")  # published, not yet checkpointed
             record.published_upto = chunk.stop
             record = await self._save(record)
         record.state = "published"
@@ -453,9 +455,7 @@ class Batcher:
             extra={"flush_id": record.flush_id, "batch_id": info.id, "status": info.status, **counts},
         )
 
-    def _messages(
-        self, record: BatchRecord, item: dict[str, Any], action: Action
-    ) -> list[tuple[str, bytes, dict]]:
+    def _messages(self, record: BatchRecord, item: dict[str, Any], action: Action) -> list[Message]:
         """The JetStream messages one item's action produces (result, DLQ, KV, buffer)."""
         data = item["item"]
         handler = item["handler"]
@@ -487,7 +487,7 @@ class Batcher:
             error=action.error if isinstance(action, Fail) else None,
         )
         event = result_event(outcome)
-        out: list[tuple[str, bytes, dict]] = []
+        out: list[Message] = []
         if isinstance(action, Ok):
             subject, payload = self.results.put_message(event, intake_seq=item.get("intake_seq"))
             out.append((subject, payload, {}))
@@ -516,7 +516,7 @@ class Batcher:
         )
         return out
 
-    async def _send(self, messages: list[tuple[str, bytes, dict]]) -> None:
+    async def _send(self, messages: list[Message]) -> None:
         futures = [await self.js.publish_async(s, p, headers=h or None) for s, p, h in messages]
         results = await asyncio.gather(*futures, return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]

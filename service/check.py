@@ -72,9 +72,8 @@ async def _check_provider(settings: Settings, say: Callable[[str], None]) -> boo
     try:
         page = await provider.client.models.list()
         count = len(page.data)
-        say(
-            f"ok   provider: {settings.openai.base_url or 'https://api.openai.com/v1'} answers ({count} models)"
-        )
+        url = settings.openai.base_url or "https://api.openai.com/v1"
+        say(f"ok   provider: {url} answers ({count} models)")
         return True
     except Exception as exc:  # noqa: BLE001
         err = classify_exception(exc)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from handlers import HandlerSpec
+from service import failpoints
 from service.core import retry as retry_core
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOutputError, ProviderError
@@ -353,6 +354,7 @@ class Pipeline:
             decision.key.subject_token(), record, msg_id=f"{item.handler}:{item.id}:{intake.seq}"
         )
         self.counters.buffered += 1
+        failpoints.hit("after_buffer")  # buffered, intake not yet acked
         if self.on_buffered is not None:
             self.on_buffered()
 

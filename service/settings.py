@@ -97,6 +97,7 @@ class BatchingSettings(_Section):
     max_latency_s: float = Field(86_400.0, gt=0)
     windows: list[str] = Field(default_factory=list)
     max_enqueued_tokens: int | None = Field(None, ge=1)
+    results_chunk: int = Field(1000, ge=1, le=50_000)
 
 
 class RoutingSettings(_Section):

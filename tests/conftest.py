@@ -3,7 +3,6 @@ emulator over real HTTP per test, and daemons with unique subject prefixes."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import time
@@ -131,7 +130,7 @@ async def read_stream(
         while len(out) < count and time.monotonic() < deadline:
             try:
                 batch = await sub.fetch(min(500, count - len(out)), timeout=0.5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in batch:
                 await msg.ack()

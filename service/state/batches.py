@@ -33,7 +33,7 @@ class BatchRecord:
     state: str
     created_at: float
     count: int
-    bytes: int
+    size_bytes: int
     tokens: int
     buffer_ranges: list[list[int]]
     owner: str
