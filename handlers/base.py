@@ -55,7 +55,7 @@ class HandlerSpec:
     output: str | dict[str, Any] = "text"
     max_output_tokens: int = 512
     temperature: float | None = None
-    strict: bool = True
+    strict: bool | None = None  # None: strict exactly when the schema allows it
     dimensions: int | None = None
 
     def __post_init__(self) -> None:
@@ -67,6 +67,12 @@ class HandlerSpec:
                 raise ValueError(f"output is not a valid JSON Schema: {exc.message}") from None
         elif self.output != "text":
             raise ValueError('output must be "text" or a JSON Schema table')
+
+    @property
+    def use_strict(self) -> bool:
+        if self.strict is not None:
+            return self.strict
+        return isinstance(self.output, dict) and strict_compatible(self.output)
 
     @property
     def is_embedding(self) -> bool:
@@ -103,7 +109,7 @@ class HandlerSpec:
                 "json_schema": {
                     "name": _schema_name(self.name),
                     "schema": self.output,
-                    "strict": self.strict,
+                    "strict": self.use_strict,
                 },
             }
         return body
@@ -146,6 +152,20 @@ class HandlerSpec:
                 "invalid_output", f"the answer does not match the schema at {where}: {errors[0].message}"
             )
         return value
+
+
+def strict_compatible(schema: Any) -> bool:
+    """Whether OpenAI's strict structured outputs accept this schema: every object lists
+    all its properties as required and sets ``additionalProperties: false``."""
+    if isinstance(schema, list):
+        return all(strict_compatible(s) for s in schema)
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties") is not False or set(schema.get("required", [])) != set(props):
+            return False
+    return all(strict_compatible(v) for k, v in schema.items() if k not in ("enum", "const", "default"))
 
 
 def _schema_name(name: str) -> str:

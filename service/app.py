@@ -22,6 +22,7 @@ from service.natsconn import broker_security, servers
 from service.pipeline import Pipeline, PipelineConfig
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
+from service.sdnotify import Notifier
 from service.settings import Settings
 from service.sinks.events import EventSink, Redactor
 from service.sources.nats_source import NatsSource
@@ -51,6 +52,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.notifier = Notifier()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -151,8 +153,10 @@ class Daemon:
         self._tasks = [
             asyncio.create_task(self.batcher.flush_loop(), name="flush"),
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),
+            asyncio.create_task(self.notifier.watchdog(self.is_ready), name="watchdog"),
         ]
         self.ready.set()
+        self.notifier.ready(f"consuming {self.subjects.intake_filter}")
         log.info(
             "enrichd ready",
             extra={
@@ -226,6 +230,7 @@ class Daemon:
     async def stop(self) -> None:
         """Stop intake, let in-flight items finish within ``shutdown.grace_s``, then close."""
         self._stop.set()
+        self.notifier.stopping()
         grace = self.settings.shutdown.grace_s
         log.info("stopping", extra={"grace_s": grace})
         left = 0

@@ -39,6 +39,8 @@ RETRYABLE_CODES: dict[str, str] = {
     "connection_error": "the provider could not be reached",
     "batch_expired": "the batch expired before this request ran",
     "batch_cancelled": "the batch was cancelled before this request ran",
+    "max_deliveries": "the intake message was delivered nats.max_deliver times without completing",
+    "internal": "the daemon failed while handling a sync request (its log says why)",
 }
 PERMANENT_CODES: dict[str, str] = {
     "bad_request": "the provider rejected the request (400/422)",
@@ -49,8 +51,6 @@ PERMANENT_CODES: dict[str, str] = {
     "invalid_output": "the model's answer was not valid against the handler's schema (after one retry)",
     "refused": "the model refused to answer",
     "output_truncated": "the answer hit max_output_tokens before it was complete",
-    "retries_exhausted": "a retryable failure persisted through every attempt",
-    "max_deliveries": "the intake message was redelivered too often without completing",
 }
 
 ALL_CODES: dict[str, str] = {**BAD_ITEM_CODES, **RETRYABLE_CODES, **PERMANENT_CODES}

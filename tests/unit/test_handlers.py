@@ -131,3 +131,20 @@ def test_structured_toml_handler() -> None:
     }
     reg = build_registry({"where": {"output": schema}}, chat_model="m", embedding_model="e")
     assert reg["where"].parse(chat_response(json.dumps({"city": "Kyoto"}))) == {"city": "Kyoto"}
+
+
+def test_strict_only_when_the_schema_allows_it() -> None:
+    loose = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "note": {"type": "string"}},
+        "required": ["city"],
+    }
+    reg = build_registry(
+        {"loose": {"output": loose}, "forced": {"output": loose, "strict": False}},
+        chat_model="m",
+        embedding_model="e",
+    )
+    item = Item(id="1", handler="loose", text="x")
+    assert reg["loose"].build_body(item)["response_format"]["json_schema"]["strict"] is False
+    assert REG["extract"].build_body(item)["response_format"]["json_schema"]["strict"] is True
+    assert all(spec.use_strict for spec in REG.values() if not spec.is_embedding)

@@ -85,3 +85,13 @@ def test_salvage_keeps_id_and_metadata_of_bad_items() -> None:
     assert salvage(b'{"id": "ok-1", "metadata": {"k": "v"}, "text": 5}') == ("ok-1", {"k": "v"}, None)
     item_id, meta, source = salvage(b"\xff")
     assert item_id.startswith("raw-") and meta is None and source is None
+
+
+def test_every_error_code_is_documented() -> None:
+    from pathlib import Path
+
+    from service.core.errors import ALL_CODES
+
+    doc = (Path(__file__).parents[2] / "docs" / "errors.md").read_text()
+    for code in ALL_CODES:
+        assert f"`{code}`" in doc, f"docs/errors.md does not document {code}"
