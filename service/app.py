@@ -133,6 +133,7 @@ class Daemon:
             instance_id=s.instance,
             consumer=s.nats.consumer,
             results_chunk=s.batching.results_chunk,
+            flush_ack_wait_s=s.batching.flush_ack_wait_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
         self._source = NatsSource(
@@ -150,6 +151,7 @@ class Daemon:
             self.subjects.control("cancel"), queue=f"{s.nats.consumer}-control", include_in_schema=False
         )(self._on_cancel)
         await broker.start()
+        await self._source.start(js)
         self._tasks = [
             asyncio.create_task(self.batcher.flush_loop(), name="flush"),
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),
@@ -243,6 +245,7 @@ class Daemon:
         if self._broker is not None:
             if self._source is not None:
                 # Stop pulling new messages first, then wait for the ones in flight.
+                await self._source.stop_intake()
                 for sub in list(self._broker.subscribers):
                     await _quiet(sub.stop())
                 left = await self._source.drain(grace)

@@ -72,6 +72,7 @@ class Batcher:
         consumer: str,
         lease_s: float = 120.0,
         results_chunk: int = 1000,
+        flush_ack_wait_s: float = 120.0,
     ) -> None:
         self.js = js
         self.subjects = subjects
@@ -91,6 +92,7 @@ class Batcher:
         self.consumer = consumer
         self.lease_s = lease_s
         self.results_chunk = results_chunk
+        self.flush_ack_wait_s = flush_ack_wait_s
         self._wake = asyncio.Event()
         self._avg_bytes = 2048.0
         self._rng = random.Random()

@@ -13,9 +13,13 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from faststream import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
-from nats.js.api import AckPolicy as ServerAckPolicy
+import nats
+import nats.errors
+import nats.js.errors
+from faststream.nats import NatsBroker, NatsMessage
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from service.core.errors import EnrichError
 from service.core.events import Outcome
@@ -52,25 +56,12 @@ class NatsSource:
         self._max_inflight = max_inflight
         self._sync_workers = sync_workers
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+        self._loop: asyncio.Task[None] | None = None
 
     def register(self) -> None:
-        """Declare the subscribers on the broker (before ``broker.start()``)."""
+        """Declare the core-NATS subscribers on the broker (before ``broker.start()``)."""
         s = self._subjects
-        self._broker.subscriber(
-            s.intake_filter,
-            stream=JStream(name=s.stream("IN"), declare=False),
-            durable=self._durable,
-            config=ConsumerConfig(
-                ack_policy=ServerAckPolicy.EXPLICIT,
-                ack_wait=self._ack_wait_s,
-                max_deliver=self._max_deliver,
-                max_ack_pending=self._max_inflight * 4,
-            ),
-            pull_sub=PullSub(batch_size=min(100, self._max_inflight), timeout=1.0),
-            ack_policy=AckPolicy.MANUAL,
-            title="intake",
-            description="Items to enrich, one per message; the last subject token names the handler.",
-        )(self.on_intake)
         self._broker.subscriber(
             s.sync_filter,
             queue=f"{self._durable}-sync",
@@ -83,13 +74,69 @@ class NatsSource:
             self.on_max_deliveries
         )
 
-    async def on_intake(self, msg: NatsMessage) -> None:
-        raw_msg = msg.raw_message
-        meta = raw_msg.metadata
+    async def start(self, js: JetStreamContext) -> None:
+        """Bind the durable intake consumer and start pulling.
+
+        The pull loop is ours rather than FastStream's: FastStream 0.7.8 suppresses only
+        ``nats.errors.TimeoutError`` around ``fetch``, while nats-py 2.16 can raise a plain
+        ``asyncio.TimeoutError`` there, which restarts its consumer task with an ERROR log.
+        """
+        self._sub = await js.pull_subscribe(
+            self._subjects.intake_filter,
+            durable=self._durable,
+            stream=self._subjects.stream("IN"),
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait_s,
+                max_deliver=self._max_deliver,
+                max_ack_pending=self._max_inflight * 4,
+            ),
+        )
+        self._loop = asyncio.create_task(self._pull_loop(), name="intake")
+
+    async def _pull_loop(self) -> None:
+        assert self._sub is not None
+        while True:
+            await self._slots.acquire()  # wait for room before asking for more
+            self._slots.release()
+            room = max(1, min(256, self._free_slots()))
+            try:
+                msgs = await self._sub.fetch(room, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (
+                nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionReconnectingError,
+                nats.js.errors.ServiceUnavailableError,
+            ) as exc:
+                log.warning("intake fetch failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self.on_intake(msg)
+
+    def _free_slots(self) -> int:
+        return self._max_inflight - len(self._tasks)
+
+    async def stop_intake(self) -> None:
+        """Stop pulling; in-flight items go on (see :meth:`drain`)."""
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+            self._loop = None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may be closing already
+                log.debug("intake unsubscribe failed", exc_info=True)
+            self._sub = None
+
+    async def on_intake(self, msg: Msg) -> None:
+        meta = msg.metadata
         intake = Intake(
-            raw=msg.body,
-            handler=raw_msg.subject.removeprefix(self._subjects.intake_prefix),
-            subject=raw_msg.subject,
+            raw=msg.data,
+            handler=msg.subject.removeprefix(self._subjects.intake_prefix),
+            subject=msg.subject,
             received_at=meta.timestamp.astimezone(UTC) if meta.timestamp else datetime.now(UTC),
             seq=meta.sequence.stream,
         )
@@ -98,7 +145,7 @@ class NatsSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, msg: NatsMessage, intake: Intake) -> None:
+    async def _run(self, msg: Msg, intake: Intake) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             await self._pipeline.process(intake)
@@ -107,14 +154,14 @@ class NatsSource:
             # acked, JetStream redelivers it after a short delay.
             log.exception("processing failed; message will be redelivered", extra={"seq": intake.seq})
             heartbeat.cancel()
-            await _quietly(msg.nack(delay=2.0))
+            await _quietly(msg.nak(delay=2.0))
             return
         finally:
             heartbeat.cancel()
             self._slots.release()
         await _quietly(msg.ack())
 
-    async def _heartbeat(self, msg: NatsMessage) -> None:
+    async def _heartbeat(self, msg: Msg) -> None:
         # Long provider calls (retries, backoff) must not let ack_wait expire.
         while True:
             await asyncio.sleep(max(0.5, self._ack_wait_s / 3))

@@ -32,6 +32,7 @@ def daemon_env(tmp_path: Path, nats_url: str, prefix: str, base_url: str) -> dic
         "ENRICHD_BATCHING__MAX_WAIT_S": "0.5",
         "ENRICHD_BATCHING__POLL_INTERVAL_S": "0.2",
         "ENRICHD_BATCHING__RESULTS_CHUNK": "10",
+        "ENRICHD_BATCHING__FLUSH_ACK_WAIT_S": "4",
         "ENRICHD_FOLDERS__INBOX": str(tmp_path / "inbox"),
         "ENRICHD_FOLDERS__OUTBOX": str(tmp_path / "outbox"),
     }
