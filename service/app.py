@@ -55,6 +55,7 @@ class Daemon:
         self.notifier = Notifier()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._stopped = False
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -230,37 +231,57 @@ class Daemon:
             await self.stop()
 
     async def stop(self) -> None:
-        """Stop intake, let in-flight items finish within ``shutdown.grace_s``, then close."""
+        """Shut down in stages, each logged and bounded: stop intake, let in-flight items
+        finish within ``shutdown.grace_s`` (the rest stay unacked and are redelivered),
+        stop the batch loops (their state is already durable), then close connections."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self.notifier.stopping()
         grace = self.settings.shutdown.grace_s
         log.info("stopping", extra={"grace_s": grace})
         left = 0
+        if self._source is not None:
+            await _stage("intake stopped", self._source.stop_intake(), 5)
+            for sub in list(self._broker.subscribers if self._broker else []):
+                await _stage("subscriber stopped", sub.stop(), 5)
+            left = await self._source.drain(grace)
+            log.info("in-flight items drained", extra={"unfinished": left})
+        if self.batcher is not None:
+            self.batcher.request_stop()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _stage("background loops stopped", asyncio.gather(*self._tasks, return_exceptions=True), 5)
         self._tasks = []
         if self.batcher is not None:
-            await self.batcher.close()
+            await _stage("buffer subscriptions closed", self.batcher.close(), 5)
         if self._broker is not None:
-            if self._source is not None:
-                # Stop pulling new messages first, then wait for the ones in flight.
-                await self._source.stop_intake()
-                for sub in list(self._broker.subscribers):
-                    await _quiet(sub.stop())
-                left = await self._source.drain(grace)
-            await _quiet(self._broker.stop())
+            await _stage("nats connection drained", self._broker.stop(), 10)
             self._broker = None
         if self._provider is not None:
-            await _quiet(self._provider.close())
+            await _stage("provider client closed", self._provider.close(), 5)
         if self._emulator is not None:
-            await _quiet(self._emulator.stop())
+            await _stage("emulator stopped", self._emulator.stop(), 5)
         if self._embedded is not None:
-            await self._embedded.stop()
+            await _stage("embedded nats-server stopped", self._embedded.stop(), 15)
         if self._health is not None:
-            await self._health.stop()
+            await _stage("health endpoint stopped", self._health.stop(), 5)
         counters = self.pipeline.counters.summary() if self.pipeline else ""
         log.info(f"stopped: {counters} unfinished={left}")
+
+
+async def _stage(name: str, awaitable: Any, timeout_s: float) -> None:
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        log.warning(f"shutdown stage timed out: {name}", extra={"timeout_s": timeout_s})
+        return
+    except Exception:  # noqa: BLE001 - best effort during shutdown
+        log.warning(f"shutdown stage failed: {name}", exc_info=True)
+        return
+    log.debug(name, extra={"took_s": round(time.monotonic() - started, 3)})
 
 
 async def _quiet(awaitable: Any) -> None:

@@ -97,6 +97,13 @@ class Batcher:
         self._avg_bytes = 2048.0
         self._rng = random.Random()
         self._subs: dict[str, Any] = {}
+        self._closing = False
+
+    def request_stop(self) -> None:
+        """Let the loops end at their next step. Cancellation alone is not enough: on
+        Python 3.11 ``asyncio.wait_for`` (used inside nats-py) can swallow a cancel."""
+        self._closing = True
+        self._wake.set()
 
     def wake(self) -> None:
         """Something was buffered: re-check thresholds now."""
@@ -123,7 +130,8 @@ class Batcher:
         return states
 
     async def flush_loop(self) -> None:
-        while True:
+        while not self._closing:
+            _reraise_if_cancelled()
             delay = 5.0
             try:
                 now = datetime.now(UTC)
@@ -141,6 +149,7 @@ class Batcher:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                _reraise_if_cancelled()
                 log.exception("flush round failed")
                 delay = 2.0
             self._wake.clear()
@@ -159,7 +168,10 @@ class Batcher:
                 durable=durable,
                 stream=self.subjects.stream("BUFFER"),
                 config=ConsumerConfig(
-                    ack_policy=AckPolicy.EXPLICIT, ack_wait=300, max_deliver=-1, max_ack_pending=-1
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=self.flush_ack_wait_s,
+                    max_deliver=-1,
+                    max_ack_pending=-1,
                 ),
             )
             self._subs[subject] = sub
@@ -256,18 +268,22 @@ class Batcher:
     # -- following batches ---------------------------------------------------------------
 
     async def poll_loop(self) -> None:
-        while True:
+        while not self._closing:
+            _reraise_if_cancelled()
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
+                _reraise_if_cancelled()
                 log.exception("poll round failed")
             await asyncio.sleep(self.poll_interval_s)
 
     async def poll_once(self) -> None:
         now = time.time()
         for record in await self.store.all():
+            if self._closing:
+                return
             if record.state not in ACTIVE_STATES:
                 continue
             if record.owner != self.instance_id and record.lease_until > now:
@@ -551,6 +567,14 @@ class Batcher:
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self.provider.cancel(batch_id)
+
+
+def _reraise_if_cancelled() -> None:
+    """A cancel can be swallowed below us (nats-py turns one inside ``publish_async`` into
+    TooManyStalledMsgsError; 3.11's ``wait_for`` may drop one): still honour it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def record_token(record: BatchRecord) -> str:

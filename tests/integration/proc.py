@@ -72,7 +72,7 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait_exit(timeout_s)
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 400) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
