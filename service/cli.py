@@ -128,9 +128,7 @@ def batches_list(
     if as_json:
         print_json([r.__dict__ for r in records])
         return
-    from rich.console import Console
-
-    Console().print(batches_table(records))
+    _console().print(batches_table(records))
 
 
 @batches_app.command("show")
@@ -169,9 +167,7 @@ def dlq_list(
     if as_json:
         print_json(entries)
         return
-    from rich.console import Console
-
-    Console().print(dlq_table(entries))
+    _console().print(dlq_table(entries))
 
 
 @dlq_app.command("replay")
@@ -183,6 +179,13 @@ def dlq_replay(
 
     replayed, skipped = _admin(replay_dlq(_settings(config), handler=handler))
     typer.echo(f"replayed {replayed} item(s); {skipped} could not be replayed (no parsable item)")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output (scripts, logs) gets wide lines instead of rich's 80-column default.
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def print_json(obj: Any) -> None:

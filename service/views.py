@@ -22,7 +22,7 @@ def _age(ts: float) -> str:
 def batches_table(records: list[BatchRecord]) -> Table:
     table = Table(title="batches")
     for column in ("batch", "model", "state", "provider status", "items", "done", "failed", "age", "note"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("batch", "id", "model", "handler"))
     for r in records:
         counts = r.request_counts or {}
         table.add_row(
@@ -42,7 +42,7 @@ def batches_table(records: list[BatchRecord]) -> Table:
 def dlq_table(entries: list[dict[str, Any]]) -> Table:
     table = Table(title="dead letters")
     for column in ("seq", "handler", "id", "code", "attempts", "failed at", "message"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("batch", "id", "model", "handler"))
     for e in entries:
         item = e.get("item") or {}
         error = e.get("error") or {}
