@@ -72,6 +72,40 @@ def submit(
 
 
 @app.command()
+def estimate(
+    handler: Annotated[str, typer.Argument(help="handler name")],
+    paths: Annotated[list[Path], typer.Argument(help="files, read as by submit")],
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Tokens and cost, sync vs batch, without calling the provider. Output tokens are
+    the handler's max_output_tokens per item: an upper bound."""
+    from service.estimate import estimate as run_estimate
+    from service.submit import SubmitError
+
+    try:
+        result = run_estimate(_settings(config), handler, paths)
+    except (SubmitError, ValueError) as exc:
+        typer.echo(f"enrichd: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        print_json(result.to_dict())
+        return
+
+    def usd(value: float | None) -> str:
+        return "no price for this model" if value is None else f"${value:,.4f}"
+
+    typer.echo(
+        f"{result.items} item(s) for {result.handler} on {result.model}"
+        + (f" ({result.bad_items} bad, not counted)" if result.bad_items else "")
+    )
+    typer.echo(f"input tokens:       {result.input_tokens:,}")
+    typer.echo(f"output tokens (max): {result.max_output_tokens:,}")
+    typer.echo(f"sync:  up to {usd(result.sync_usd)}")
+    typer.echo(f"batch: up to {usd(result.batch_usd)}")
+
+
+@app.command()
 def check(config: ConfigOpt = None) -> None:
     """Validate the configuration and reach NATS and the provider."""
     from service.check import run_check

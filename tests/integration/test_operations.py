@@ -247,3 +247,17 @@ async def test_submit_email_fields(tmp_path: Path, make_daemon, nats_url, prefix
     event = json.loads(result.stdout)
     assert event["status"] == "ok" and event["route"] == "sync" and event["source"] == "email"
     assert isinstance(event["result"]["summary"], str)
+
+
+async def test_estimate_needs_no_provider(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENRICHD_", "OPENAI_"))}
+    config = tmp_path / "e.toml"
+    config.write_text('[openai]\nbase_url = "http://127.0.0.1:9/v1"\napi_key = "sk-unused-0000"\n')
+    emails = sorted(str(p) for p in (FIXTURES / "emails").glob("*.eml"))
+    result = await enrichd("estimate", "summarize", *emails, "--json", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["items"] == len(emails) and data["input_tokens"] > 100
+    assert data["batch_usd"] == pytest.approx(data["sync_usd"] / 2)
+    unknown = await enrichd("estimate", "nosuch", emails[0], "--config", str(config), env=env)
+    assert unknown.returncode == 2 and "no handler named 'nosuch'" in unknown.stderr
