@@ -185,7 +185,17 @@ async def test_resubmitted_answered_ids_are_cached_without_provider_calls(
     await publish_many(js, f"{prefix}.in.tags", items)
     first = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 1000, timeout_s=60)
     assert len(first) == 1000
-    before = dict(emulator.stats["requests"])
+
+    def inference() -> tuple[int, int, int, int]:
+        st = emulator.stats
+        return (
+            st["batches_created"],
+            st["batch_lines_total"],
+            st.get("chat_requests_ok", 0),
+            st["requests"].get("/v1/files", 0),
+        )  # uploads
+
+    before = inference()
     await publish_many(js, f"{prefix}.in.tags", items)
     both = events(
         await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 2000, timeout_s=60)
@@ -193,4 +203,6 @@ async def test_resubmitted_answered_ids_are_cached_without_provider_calls(
     cached = [e for e in both[1000:] if e["cached"]]
     assert len(cached) == 1000 and {e["id"] for e in cached} == {f"r{i}" for i in range(1000)}
     assert all(e["cost_usd"] == 0 and e["status"] == "ok" for e in cached)
-    assert dict(emulator.stats["requests"]) == before
+    # no upload, batch, line or chat call for the re-submitted ids (the first batch may
+    # still be deleting its input file, which is why raw request counts are not compared)
+    assert inference() == before
