@@ -72,6 +72,21 @@ def submit(
 
 
 @app.command()
+def status(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Buffers, batches in flight with progress and ETA, DLQ depth."""
+    from service.status import collect, render
+
+    data = _admin(collect(_settings(config)))
+    if as_json:
+        print_json(data)
+        return
+    _console().print(render(data))
+
+
+@app.command()
 def estimate(
     handler: Annotated[str, typer.Argument(help="handler name")],
     paths: Annotated[list[Path], typer.Argument(help="files, read as by submit")],

@@ -261,3 +261,29 @@ async def test_estimate_needs_no_provider(tmp_path: Path) -> None:
     assert data["batch_usd"] == pytest.approx(data["sync_usd"] / 2)
     unknown = await enrichd("estimate", "nosuch", emails[0], "--config", str(config), env=env)
     assert unknown.returncode == 2 and "no handler named 'nosuch'" in unknown.stderr
+
+
+async def test_status_shows_buffers_batches_and_dlq(make_daemon, nc, prefix, emulator, nats_url, tmp_path) -> None:
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(batch_delay_s=20))
+    daemon = await make_daemon(batching={"max_items": 10, "max_wait_s": 3600, "poll_interval_s": 0.2})
+    js = nc.jetstream()
+    for i in range(13):  # one full batch of 10 in flight, 3 left in the buffer
+        await js.publish(f"{prefix}.in.tags", json.dumps({"id": f"st{i}", "text": f"status {i}"}).encode())
+    await js.publish(f"{prefix}.in.tags", b"not json")
+    await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.>", 1)
+    env = cli_env(tmp_path, nats_url, prefix)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        data = json.loads((await enrichd("status", "--json", env=env)).stdout)
+        flying = data["batches_in_flight"]
+        if flying and flying[0]["done"] > 0 and data["buffers"] and data["buffers"][0]["items"] == 3:
+            break
+        assert loop.time() < deadline, data
+        await asyncio.sleep(0.3)
+    assert data["dlq_depth"] == 1
+    assert flying[0]["total"] == 10 and 0 < flying[0]["progress"] <= 1
+    text = (await enrichd("status", env=env)).stdout
+    assert "batches in flight" in text and flying[0]["batch_id"] in text and "buffers" in text

@@ -1,0 +1,124 @@
+"""``enrichd status``: what is waiting, what is in flight, what failed — read from the
+durable state over NATS, so it works against any replica or none."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.js import JetStreamContext
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from service.admin import connect
+from service.settings import Settings
+from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore
+from service.subjects import Subjects
+
+
+def batch_progress(record: BatchRecord, now: float) -> dict[str, Any]:
+    """Done fraction and an ETA from the completion rate observed since submission."""
+    counts = record.request_counts or {}
+    total = int(counts.get("total") or record.count or 0)
+    done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+    elapsed = max(1e-6, now - record.created_at)
+    eta_s = None
+    if 0 < done < total:
+        eta_s = round((total - done) / (done / elapsed), 1)
+    return {
+        "batch_id": record.batch_id,
+        "flush_id": record.flush_id,
+        "model": record.model,
+        "state": record.state,
+        "provider_status": record.provider_status,
+        "total": total,
+        "done": done,
+        "progress": round(done / total, 4) if total else 0.0,
+        "eta_s": eta_s,
+        "age_s": round(elapsed, 1),
+        "note": record.note,
+    }
+
+
+async def _buffers(js: JetStreamContext, subjects: Subjects) -> list[dict[str, Any]]:
+    stream = subjects.stream("BUFFER")
+    info = await js.stream_info(stream, subjects_filter=subjects.buffer_filter)
+    out = []
+    for subject, count in sorted((info.state.subjects or {}).items()):
+        oldest_s = None
+        try:
+            first = await js.get_msg(stream, seq=info.state.first_seq or 1, next=True, subject=subject)
+            if first.time is not None:
+                oldest_s = round((datetime.now(UTC) - first.time).total_seconds(), 1)
+        except Exception:  # noqa: BLE001 - flushed meanwhile
+            oldest_s = None
+        out.append({"buffer": subject.rsplit(".", 1)[-1], "items": count, "oldest_s": oldest_s})
+    return out
+
+
+async def collect(settings: Settings) -> dict[str, Any]:
+    subjects = Subjects(settings.nats.subject_prefix)
+    now = time.time()
+    async with connect(settings) as nc:
+        js = nc.jetstream()
+        try:
+            intake = await js.consumer_info(subjects.stream("IN"), settings.nats.consumer)
+            waiting = {"pending": intake.num_pending, "in_flight": intake.num_ack_pending}
+        except Exception:  # noqa: BLE001 - no daemon has run yet
+            waiting = {"pending": None, "in_flight": None}
+        store = await BatchStore.open(js, subjects.stream_suffix, replicas=settings.nats.stream_replicas)
+        records = await store.all()
+        active = [batch_progress(r, now) for r in records if r.state in ACTIVE_STATES]
+        day = now - 86_400
+        finished = [r for r in records if r.state == "published" and r.status_changed_at >= day]
+        dlq = await js.stream_info(subjects.stream("DLQ"))
+        out_stream = await js.stream_info(subjects.stream("OUT"))
+        return {
+            "intake": waiting,
+            "buffers": await _buffers(js, subjects),
+            "batches_in_flight": active,
+            "batches_finished_24h": len(finished),
+            "batch_items_24h": {
+                k: sum(int(r.outcome.get(k, 0)) for r in finished) for k in ("ok", "error", "retried")
+            },
+            "dlq_depth": dlq.state.messages,
+            "results_stored": out_stream.state.messages,
+        }
+
+
+def render(status: dict[str, Any]) -> Group:
+    summary = Table.grid(padding=(0, 2))
+    intake = status["intake"]
+    summary.add_row("intake waiting", str(intake["pending"]), "in flight", str(intake["in_flight"]))
+    summary.add_row(
+        "DLQ depth", str(status["dlq_depth"]), "result events kept", str(status["results_stored"])
+    )
+    day = status["batch_items_24h"]
+    summary.add_row(
+        "batches done (24 h)",
+        str(status["batches_finished_24h"]),
+        "items ok / error / retried",
+        f"{day['ok']} / {day['error']} / {day['retried']}",
+    )
+    buffers = Table(title="buffers")
+    for column in ("buffer", "items", "oldest"):
+        buffers.add_column(column, no_wrap=True)
+    for b in status["buffers"]:
+        buffers.add_row(
+            b["buffer"], str(b["items"]), "-" if b["oldest_s"] is None else f"{b['oldest_s']:.0f}s"
+        )
+    batches = Table(title="batches in flight")
+    for column in ("batch", "status", "progress", "done", "ETA", "age"):
+        batches.add_column(column, no_wrap=True)
+    for b in status["batches_in_flight"]:
+        batches.add_row(
+            b["batch_id"] or f"({b['flush_id']})",
+            b["provider_status"] or b["state"],
+            ProgressBar(total=max(1, b["total"]), completed=b["done"], width=24),
+            f"{b['done']}/{b['total']}",
+            "-" if b["eta_s"] is None else f"{b['eta_s']:.0f}s",
+            f"{b['age_s']:.0f}s",
+        )
+    return Group(summary, buffers, batches)
