@@ -135,6 +135,7 @@ class Daemon:
             consumer=s.nats.consumer,
             results_chunk=s.batching.results_chunk,
             flush_ack_wait_s=s.batching.flush_ack_wait_s,
+            lease_s=s.batching.lease_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
         self._source = NatsSource(

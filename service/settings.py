@@ -99,6 +99,7 @@ class BatchingSettings(_Section):
     max_enqueued_tokens: int | None = Field(None, ge=1)
     results_chunk: int = Field(1000, ge=1, le=50_000)
     flush_ack_wait_s: float = Field(120.0, gt=0)
+    lease_s: float = Field(120.0, gt=0)
 
 
 class RoutingSettings(_Section):

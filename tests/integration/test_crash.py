@@ -119,3 +119,63 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     ids = Counter(e["id"] for e in out)
     assert len(ids) == len(items) and set(ids.values()) == {1}
     assert all(e["status"] == "ok" for e in out)
+
+
+@pytest.mark.slow
+async def test_three_replicas_one_killed_mid_batch(nats_url, nc, prefix, emulator, tmp_path) -> None:
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(batch_delay_s=3))
+    replicas = []
+    for n in range(3):
+        home = tmp_path / f"r{n}"
+        home.mkdir()
+        env = daemon_env(home, nats_url, prefix, emulator.base_url)
+        env["ENRICHD_BATCHING__LEASE_S"] = "2"
+        replicas.append(DaemonProcess(env, home / "daemon.log").start())
+    js = nc.jetstream()
+    total = 200
+    for i in range(total):
+        await js.publish(
+            f"{prefix}.in.tags", json.dumps({"id": f"r{i:03d}", "text": f"replica item {i}"}).encode()
+        )
+    # wait until every replica... at least the victim owns a batch in flight, then kill it
+    victim = replicas[0]
+    kv = await js.key_value(prefix.upper() + "_BATCHES")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    owners: set[str] = set()
+    while loop.time() < deadline:
+        try:
+            keys = await kv.keys()
+        except Exception:  # noqa: BLE001 - no records yet
+            keys = []
+        owners = set()
+        for key in keys:
+            record = json.loads((await kv.get(key)).value)
+            if record["state"] == "submitted":
+                owners.add(record["owner"])
+        if any(o.endswith(_digest(tmp_path / "r0" / "state")) for o in owners):
+            break
+        await asyncio.sleep(0.1)
+    victim.kill()
+    try:
+        await read_stream(js, prefix.upper() + "_OUT", f"{prefix}.out.tags", total, timeout_s=60)
+        out = events(
+            await read_stream(js, prefix.upper() + "_OUT", f"{prefix}.out.tags", total + 1, timeout_s=3)
+        )
+    finally:
+        for r in replicas[1:]:
+            assert r.terminate() == 0, r.log_tail()
+    ids = Counter(e["id"] for e in out)
+    assert len(ids) == total and set(ids.values()) == {1}
+    sent = Counter(emulator.stats["custom_ids_submitted"])
+    assert len(sent) == total and set(sent.values()) == {1}
+    adopted = sum(r.log_path.read_text().count('"adopted batch"') for r in replicas[1:])
+    assert adopted >= 1, "no surviving replica adopted the killed replica's batch"
+
+
+def _digest(state_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
