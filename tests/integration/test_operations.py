@@ -263,7 +263,9 @@ async def test_estimate_needs_no_provider(tmp_path: Path) -> None:
     assert unknown.returncode == 2 and "no handler named 'nosuch'" in unknown.stderr
 
 
-async def test_status_shows_buffers_batches_and_dlq(make_daemon, nc, prefix, emulator, nats_url, tmp_path) -> None:
+async def test_status_shows_buffers_batches_and_dlq(
+    make_daemon, nc, prefix, emulator, nats_url, tmp_path
+) -> None:
     from service.emulator import FaultConfig
 
     emulator.set_faults(FaultConfig(batch_delay_s=20))
