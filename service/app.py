@@ -14,6 +14,7 @@ from faststream.nats import NatsBroker
 
 from service.batcher import Batcher
 from service.core.batching import BatchPolicy, Window
+from service.core.ratelimit import Limits
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.health import HealthServer
@@ -27,6 +28,7 @@ from service.settings import Settings
 from service.sinks.events import EventSink, Redactor
 from service.sources.nats_source import NatsSource
 from service.state.batches import BatchStore
+from service.state.limits import SharedLimiter
 from service.state.results import ResultStore
 from service.state.streams import ensure_results_bucket, ensure_streams
 from service.subjects import Subjects
@@ -138,6 +140,16 @@ class Daemon:
             lease_s=s.batching.lease_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
+        if s.rate_limits:
+            self.pipeline.limiter = await SharedLimiter.open(
+                js,
+                f"{self.subjects.stream_suffix}_LIMITS",
+                {
+                    model: Limits(rpm=cfg.rpm, tpm=cfg.tpm, urgent_reserve=s.rate_limit_urgent_reserve)
+                    for model, cfg in s.rate_limits.items()
+                },
+                replicas=s.nats.stream_replicas,
+            )
         self._source = NatsSource(
             broker,
             self.subjects,

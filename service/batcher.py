@@ -31,7 +31,7 @@ from service.core.batching import BatchPolicy, BufferState, flush_reason, take, 
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import ErrorInfo, ProviderError
 from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
-from service.core.tokens import count_chat_tokens, count_tokens
+from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
 from service.sinks.events import EventSink, Redactor, dumps
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore, StaleRecordError, seq_ranges
@@ -41,13 +41,6 @@ from service.subjects import Subjects
 log = logging.getLogger("enrichd.batch")
 # subject, payload, headers
 Message = tuple[str, bytes, dict[str, str]]
-
-
-def estimate_tokens(body: dict[str, Any]) -> int:
-    if "messages" in body:
-        return count_chat_tokens(body["messages"])
-    value = body.get("input")
-    return count_tokens(value) if isinstance(value, str) else 0
 
 
 class Batcher:
@@ -221,7 +214,7 @@ class Batcher:
         seqs = [m.metadata.sequence.stream for m in msgs]
         lines = [encode_line(r["cid"], r["endpoint"], r["body"]) for r in records]
         self._avg_bytes = 0.8 * self._avg_bytes + 0.2 * (sum(len(x) for x in lines) / len(lines))
-        tokens = [estimate_tokens(r["body"]) for r in records]
+        tokens = [estimate_request_tokens(r["body"]) for r in records]
         n = take(
             [len(x) + 8 for x in lines], max_items=self.policy.max_items, max_bytes=self.policy.max_bytes
         )

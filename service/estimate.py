@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.batcher import estimate_tokens
 from service.core.cost import Usage, cost_usd, price_for
 from service.core.errors import BadItemError
 from service.core.items import item_from_object
+from service.core.tokens import estimate_request_tokens
 from service.settings import Settings
 from service.submit import load_items
 
@@ -42,7 +42,7 @@ def estimate(settings: Settings, handler: str, paths: list[Path]) -> Estimate:
         except BadItemError:
             bad += 1
             continue
-        input_tokens += estimate_tokens(body)
+        input_tokens += estimate_request_tokens(body)
         output_tokens += 0 if spec.is_embedding else spec.max_output_tokens
     usage = Usage(input_tokens, output_tokens)
     price = price_for(spec.model, settings.price_table)

@@ -21,6 +21,7 @@ from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOut
 from service.core.events import Outcome, dlq_entry, iso, result_event
 from service.core.items import Item, decode_object, item_from_object, salvage
 from service.core.routing import BatchRoute, RoutingRules, route
+from service.core.tokens import estimate_request_tokens
 from service.providers.openai_sync import SyncProvider
 from service.state.results import StoredResult
 
@@ -31,6 +32,14 @@ class Store(Protocol):
     async def get(self, handler: str, item_id: str) -> StoredResult | None: ...
 
     async def put(self, event: dict[str, Any], *, intake_seq: int | None) -> None: ...
+
+
+class Limiter(Protocol):
+    async def acquire(self, model: str, *, tokens: int, urgent: bool) -> float: ...
+
+    async def settle(self, model: str, *, estimated: int, actual: int) -> None: ...
+
+    def observe(self, model: str, headers: dict[str, str]) -> None: ...
 
 
 class Sink(Protocol):
@@ -107,6 +116,7 @@ class Pipeline:
         self.rng = rng or random.Random()
         self.counters = Counters()
         self.on_buffered: Callable[[], None] | None = None
+        self.limiter: Limiter | None = None
 
     # -- entry points -------------------------------------------------------------------
 
@@ -156,7 +166,16 @@ class Pipeline:
         while True:
             calls += 1
             try:
+                planned = self._planned_tokens(spec, body)
+                if self.limiter is not None:
+                    await self.limiter.acquire(spec.model, tokens=planned, urgent=item.priority == "urgent")
                 response = await self.provider.call(spec.endpoint, body)
+                if self.limiter is not None:
+                    self.limiter.observe(spec.model, response.headers)
+                    actual = response.usage.input_tokens + (
+                        spec.max_output_tokens if not spec.is_embedding else 0
+                    )
+                    await self.limiter.settle(spec.model, estimated=planned, actual=actual)
                 spent = Usage(
                     spent.input_tokens + response.usage.input_tokens,
                     spent.output_tokens + response.usage.output_tokens,
@@ -223,6 +242,11 @@ class Pipeline:
                     },
                 )
                 await asyncio.sleep(decision.delay_s)
+
+    @staticmethod
+    def _planned_tokens(spec: HandlerSpec, body: dict[str, Any]) -> int:
+        # Providers count the requested max output toward TPM, as well as the prompt.
+        return estimate_request_tokens(body) + (0 if spec.is_embedding else spec.max_output_tokens)
 
     def _outcome(
         self,

@@ -147,6 +147,11 @@ def _default_prices() -> dict[str, PriceSettings]:
     return {k: PriceSettings(input_per_mtok=i, output_per_mtok=o) for k, (i, o) in table.items()}
 
 
+class RateLimitSettings(_Section):
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
 class EmulatorSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
@@ -184,6 +189,8 @@ class Settings(BaseSettings):
     batch_discount: float = Field(0.5, ge=0, lt=1)
     prices: dict[str, PriceSettings] = Field(default_factory=_default_prices)
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
+    rate_limit_urgent_reserve: float = Field(0.1, ge=0, lt=1)
     _registry: dict[str, HandlerSpec] = PrivateAttr(default_factory=dict)
 
     @field_validator("prices", mode="after")

@@ -50,3 +50,11 @@ def count_chat_tokens(messages: list[dict[str, Any]]) -> int:
         if isinstance(role, str):
             total += count_tokens(role)
     return total
+
+
+def estimate_request_tokens(body: dict[str, Any]) -> int:
+    """Prompt tokens of a chat or embeddings request body."""
+    if "messages" in body:
+        return count_chat_tokens(body["messages"])
+    value = body.get("input")
+    return count_tokens(value) if isinstance(value, str) else 0

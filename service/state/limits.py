@@ -1,0 +1,131 @@
+"""Rate limits shared by every replica: one token bucket per model in JetStream KV,
+updated with compare-and-set (service/core/ratelimit.py has the arithmetic)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from service.core.ratelimit import Bucket, Limits, reserve, settle, tighten
+
+log = logging.getLogger("enrichd.ratelimit")
+
+
+def _key(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in model)
+
+
+class SharedLimiter:
+    def __init__(
+        self, kv: KeyValue, limits: dict[str, Limits], *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._kv = kv
+        self._limits = dict(limits)
+        self._clock = clock
+        self._rng = random.Random()
+        self.waited_s = 0.0
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, bucket: str, limits: dict[str, Limits], *, replicas: int
+    ) -> SharedLimiter:
+        try:
+            kv = await js.key_value(bucket)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE)
+            )
+        return cls(kv, limits)
+
+    def limits_for(self, model: str) -> Limits | None:
+        return self._limits.get(model)
+
+    async def _read(self, model: str, limits: Limits) -> tuple[Bucket, int]:
+        try:
+            entry = await self._kv.get(_key(model))
+        except KeyNotFoundError:
+            return Bucket.full(limits, self._clock()), 0
+        data = json.loads(entry.value or b"{}")
+        return Bucket(float(data["r"]), float(data["t"]), float(data["at"])), entry.revision or 0
+
+    async def _write(self, model: str, bucket: Bucket, revision: int) -> bool:
+        value = json.dumps({"r": bucket.requests, "t": bucket.tokens, "at": bucket.at}).encode()
+        try:
+            if revision:
+                await self._kv.update(_key(model), value, last=revision)
+            else:
+                await self._kv.create(_key(model), value)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def acquire(self, model: str, *, tokens: int, urgent: bool) -> float:
+        """Wait until the model's shared bucket grants one request of ``tokens``; returns
+        the seconds waited. Models without configured limits pass at once."""
+        waited = 0.0
+        while True:
+            wait = await self.try_acquire(model, tokens=tokens, urgent=urgent)
+            if wait == 0:
+                self.waited_s += waited
+                return waited
+            pause = min(wait, 5.0) + self._rng.uniform(0, 0.05)
+            waited += pause
+            await asyncio.sleep(pause)
+
+    async def try_acquire(self, model: str, *, tokens: int, urgent: bool) -> float:
+        """One attempt: 0.0 when granted, else the seconds to wait before the next."""
+        limits = self._limits.get(model)
+        if limits is None:
+            return 0.0
+        while True:
+            bucket, revision = await self._read(model, limits)
+            taken, wait = reserve(bucket, limits, self._clock(), tokens=tokens, urgent=urgent)
+            if wait > 0:
+                return wait
+            if await self._write(model, taken, revision):
+                return 0.0
+            # another replica wrote first: read again
+
+    async def settle(self, model: str, *, estimated: int, actual: int) -> None:
+        limits = self._limits.get(model)
+        if limits is None or estimated == actual:
+            return
+        for _ in range(10):
+            bucket, revision = await self._read(model, limits)
+            if await self._write(
+                model, settle(bucket, limits, self._clock(), estimated=estimated, actual=actual), revision
+            ):
+                return
+
+    def observe(self, model: str, headers: dict[str, str]) -> None:
+        """Follow the provider's own view of our limits when it is stricter."""
+        limits = self._limits.get(model)
+        if limits is None:
+            return
+
+        def number(name: str) -> float | None:
+            try:
+                return float(headers[name])
+            except (KeyError, ValueError):
+                return None
+
+        tighter = tighten(
+            limits,
+            provider_rpm=number("x-ratelimit-limit-requests"),
+            provider_tpm=number("x-ratelimit-limit-tokens"),
+        )
+        if tighter != limits:
+            log.info(
+                "provider limits are lower than configured; following them",
+                extra={"model": model, "rpm": tighter.rpm, "tpm": tighter.tpm},
+            )
+            self._limits[model] = tighter
