@@ -14,13 +14,15 @@ from faststream.nats import NatsBroker
 
 from service.batcher import Batcher
 from service.core.batching import BatchPolicy, Window
+from service.core.budget import Caps
+from service.core.events import iso
 from service.core.ratelimit import Limits
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.health import HealthServer
 from service.nats_embedded import EmbeddedNats
 from service.natsconn import broker_security, servers
-from service.pipeline import Pipeline, PipelineConfig
+from service.pipeline import Clock, Pipeline, PipelineConfig, utcnow
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
 from service.sdnotify import Notifier
@@ -28,6 +30,7 @@ from service.settings import Settings
 from service.sinks.events import EventSink, Redactor
 from service.sources.nats_source import NatsSource
 from service.state.batches import BatchStore
+from service.state.budget import Ledger
 from service.state.limits import SharedLimiter
 from service.state.results import ResultStore
 from service.state.streams import ensure_results_bucket, ensure_streams
@@ -39,8 +42,9 @@ log = logging.getLogger("enrichd")
 class Daemon:
     """One enrichd process. ``await start()``, then ``await stop()`` (or :meth:`run`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
         self.settings = settings
+        self.clock: Clock = clock or utcnow
         self.subjects = Subjects(settings.nats.subject_prefix)
         self.redact = Redactor(settings.secrets())
         self.nats_url = settings.nats.url or ""
@@ -112,6 +116,7 @@ class Daemon:
             provider=self._provider,
             store=ResultStore(kv, self.subjects.results_bucket),
             sink=EventSink(js, self.subjects, self.redact),
+            clock=self.clock,
         )
         self.batcher = Batcher(
             js=js,
@@ -140,6 +145,17 @@ class Daemon:
             lease_s=s.batching.lease_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
+        if s.budget.daily_usd is not None or s.budget.handlers:
+            ledger = await Ledger.open(
+                js,
+                f"{self.subjects.stream_suffix}_BUDGET",
+                Caps(s.budget.daily_usd, dict(s.budget.handlers)),
+                replicas=s.nats.stream_replicas,
+                clock=self.clock,
+                on_exceeded=self._budget_exceeded,
+            )
+            self.pipeline.ledger = self.batcher.ledger = ledger
+            self.pipeline.budget_recheck_s = self.batcher.budget_recheck_s = s.budget.recheck_s
         if s.rate_limits:
             self.pipeline.limiter = await SharedLimiter.open(
                 js,
@@ -206,6 +222,23 @@ class Daemon:
             max_concurrency=s.openai.max_concurrency,
             organization=s.openai.organization,
             project=s.openai.project,
+        )
+
+    async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
+        """Published once per budget day and scope, by whichever replica hits it first."""
+        assert self.pipeline is not None
+        body = {
+            "day": day,
+            "scope": scope,
+            "cap_usd": cap_usd,
+            "spent_usd": round(spent_usd, 8),
+            "at": iso(self.clock()),
+        }
+        log.warning("budget exceeded: new work waits for the next budget day", extra=body)
+        sink = self.pipeline.sink
+        await sink.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")  # type: ignore[attr-defined]
+        await sink.lifecycle(  # type: ignore[attr-defined]
+            "alert", {"kind": "budget_exceeded", **body}, msg_id=f"{day}:{scope}:budget-alert"
         )
 
     async def _on_cancel(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from service import failpoints
 from service.batch_outcomes import Action, Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
 from service.core.batchfile import LineOutcome, custom_id, encode_line, parse_lines, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
+from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import ErrorInfo, ProviderError
 from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
@@ -35,6 +36,7 @@ from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
 from service.sinks.events import EventSink, Redactor, dumps
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore, StaleRecordError, seq_ranges
+from service.state.budget import BudgetExhaustedError, Ledger
 from service.state.results import ResultStore
 from service.subjects import Subjects
 
@@ -91,6 +93,9 @@ class Batcher:
         self._rng = random.Random()
         self._subs: dict[str, Any] = {}
         self._closing = False
+        self.ledger: Ledger | None = None
+        self.budget_recheck_s = 60.0
+        self._blocked_until: dict[str, float] = {}
 
     def request_stop(self) -> None:
         """Let the loops end at their next step. Cancellation alone is not enough: on
@@ -130,6 +135,8 @@ class Batcher:
                 now = datetime.now(UTC)
                 for subject, state in (await self.buffer_states()).items():
                     reason = flush_reason(self.policy, state, now)
+                    if reason is not None and self._blocked_until.get(subject, 0.0) > time.monotonic():
+                        continue  # waiting for the budget
                     if reason is not None:
                         log.info(
                             "flushing buffer",
@@ -200,35 +207,27 @@ class Batcher:
             for m in msgs:
                 await (m.ack() if existing.holds_seq(m.metadata.sequence.stream) else m.nak())
             return None
-        records, unique, seen = [], [], set()
-        for m in msgs:
-            r = json.loads(m.data)
-            r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
-            if r["cid"] in seen:  # the same intake message buffered twice: send it once
-                await m.ack()
-                continue
-            seen.add(r["cid"])
-            records.append(r)
-            unique.append(m)
-        msgs = unique
+        msgs, records = await self._unique(msgs)
         seqs = [m.metadata.sequence.stream for m in msgs]
         lines = [encode_line(r["cid"], r["endpoint"], r["body"]) for r in records]
         self._avg_bytes = 0.8 * self._avg_bytes + 0.2 * (sum(len(x) for x in lines) / len(lines))
         tokens = [estimate_request_tokens(r["body"]) for r in records]
-        n = take(
-            [len(x) + 8 for x in lines], max_items=self.policy.max_items, max_bytes=self.policy.max_bytes
-        )
-        if self.max_enqueued_tokens:
-            total, fit = 0, 0
-            for t in tokens[:n]:
-                if fit and total + t > self.max_enqueued_tokens:
-                    break
-                total += t
-                fit += 1
-            n = fit
+        n = await self._within_budget(records, tokens, self._fit(lines, tokens))
         keep, later = msgs[:n], msgs[n:]
         kept = records[:n]
-        first = kept[0]
+        first = records[0]
+        try:
+            if n == 0:
+                raise BudgetExhaustedError("all", 0.0, 0.0)
+            day, reserved = await self._reserve_budget(kept, tokens[:n])
+        except BudgetExhaustedError as exc:
+            for m in msgs:
+                await m.nak()
+            self._blocked_until[subject] = time.monotonic() + min(
+                self.budget_recheck_s, seconds_until_next_day(datetime.now(UTC))
+            )
+            log.warning("buffer waits for the budget", extra={"buffer": subject, "reason": str(exc)})
+            return None
         record = BatchRecord(
             flush_id=flush_id,
             endpoint=first["endpoint"],
@@ -243,6 +242,8 @@ class Batcher:
             owner=self.instance_id,
             lease_until=time.time() + self.lease_s,
             status_changed_at=time.time(),
+            budget_day=day,
+            reserved_usd=reserved,
         )
         await self.store.put_items(flush_id, [dumps(r).encode() + b"\n" for r in kept])
         await self.store.create(record)
@@ -257,6 +258,91 @@ class Batcher:
         )
         await self._advance(record)
         return record
+
+    async def _unique(self, msgs: list[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Decode buffered records; the same intake message buffered twice is sent once."""
+        records, unique, seen = [], [], set()
+        for m in msgs:
+            r = json.loads(m.data)
+            r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
+            if r["cid"] in seen:
+                await m.ack()
+                continue
+            seen.add(r["cid"])
+            records.append(r)
+            unique.append(m)
+        return unique, records
+
+    def _fit(self, lines: list[bytes], tokens: list[int]) -> int:
+        """How many leading records fit one batch: provider limits, then enqueued tokens."""
+        n = take(
+            [len(x) + 8 for x in lines], max_items=self.policy.max_items, max_bytes=self.policy.max_bytes
+        )
+        if not self.max_enqueued_tokens:
+            return n
+        total, fit = 0, 0
+        for t in tokens[:n]:
+            if fit and total + t > self.max_enqueued_tokens:
+                break
+            total += t
+            fit += 1
+        return fit
+
+    def _ceiling_usd(self, record: dict[str, Any], prompt_tokens: int) -> float:
+        """Upper bound of one request's batch cost: prompt + max output tokens."""
+        spec = self.registry.get(record["handler"])
+        max_out = 0 if spec is None or spec.is_embedding else spec.max_output_tokens
+        price = price_for(record["model"], self.prices)
+        usage = Usage(prompt_tokens, max_out)
+        return cost_usd(usage, price, route="batch", batch_discount=self.batch_discount) or 0.0
+
+    async def _within_budget(self, records: list[dict[str, Any]], tokens: list[int], n: int) -> int:
+        """Cut the flush to what today's budget can still pay for (0: nothing fits)."""
+        if self.ledger is None:
+            return n
+        left: dict[str, float | None] = {}
+        for index in range(n):
+            handler = records[index]["handler"]
+            if handler not in left:
+                left[handler] = await self.ledger.remaining(handler)
+            room = left[handler]
+            if room is None:
+                continue
+            cost = self._ceiling_usd(records[index], tokens[index])
+            if cost > room:
+                return index
+            left[handler] = room - cost
+        return n
+
+    async def _reserve_budget(
+        self, records: list[dict[str, Any]], tokens: list[int]
+    ) -> tuple[str | None, float]:
+        """Reserve the flush's cost at its upper bound (prompt + max output, batch price)."""
+        if self.ledger is None:
+            return None, 0.0
+        total = 0.0
+        by_handler: dict[str, float] = {}
+        for record, prompt in zip(records, tokens, strict=True):
+            spec = self.registry.get(record["handler"])
+            max_out = 0 if spec is None or spec.is_embedding else spec.max_output_tokens
+            price = price_for(record["model"], self.prices)
+            usd = (
+                cost_usd(Usage(prompt, max_out), price, route="batch", batch_discount=self.batch_discount)
+                or 0.0
+            )
+            by_handler[record["handler"]] = by_handler.get(record["handler"], 0.0) + usd
+            total += usd
+        day: str | None = None
+        done: list[tuple[str, float]] = []
+        try:
+            for handler, usd in by_handler.items():
+                day = await self.ledger.reserve(handler, "batch", usd)
+                done.append((handler, usd))
+        except BudgetExhaustedError:
+            for handler, usd in done:
+                await self.ledger.correct(day or "", handler, "batch", -usd)
+            raise
+        return day, total
 
     # -- following batches ---------------------------------------------------------------
 
@@ -446,6 +532,8 @@ class Batcher:
             failpoints.hit("mid_publish")  # published, not yet checkpointed
             record.published_upto = chunk.stop
             record = await self._save(record)
+        if self.ledger is not None and record.budget_day and start == 0:
+            await self._settle_budget(record, items, actions)
         record.state = "published"
         record.outcome = counts
         record = await self._save(record)
@@ -465,6 +553,22 @@ class Batcher:
             "batch done",
             extra={"flush_id": record.flush_id, "batch_id": info.id, "status": info.status, **counts},
         )
+
+    async def _settle_budget(
+        self, record: BatchRecord, items: list[dict[str, Any]], actions: list[Action]
+    ) -> None:
+        """Swap the flush's reservation for what the provider billed (lines that ran)."""
+        assert self.ledger is not None and record.budget_day is not None
+        price = price_for(record.model, self.prices)
+        billed: dict[str, float] = {}
+        for item, action in zip(items, actions, strict=True):
+            usage = action.usage if isinstance(action, Ok | Fail) else Usage(0, 0)
+            usd = cost_usd(usage, price, route="batch", batch_discount=self.batch_discount) or 0.0
+            billed[item["handler"]] = billed.get(item["handler"], 0.0) + usd
+        reserved_share = record.reserved_usd / max(1, len(items))
+        for handler, usd in billed.items():
+            count = sum(1 for it in items if it["handler"] == handler)
+            await self.ledger.correct(record.budget_day, handler, "batch", usd - reserved_share * count)
 
     def _messages(self, record: BatchRecord, item: dict[str, Any], action: Action) -> list[Message]:
         """The JetStream messages one item's action produces (result, DLQ, KV, buffer)."""

@@ -16,13 +16,15 @@ from typing import Any, Protocol
 from handlers import HandlerSpec
 from service import failpoints
 from service.core import retry as retry_core
+from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOutputError, ProviderError
 from service.core.events import Outcome, dlq_entry, iso, result_event
 from service.core.items import Item, decode_object, item_from_object, salvage
-from service.core.routing import BatchRoute, RoutingRules, route
+from service.core.routing import BatchRoute, BufferKey, RoutingRules, route
 from service.core.tokens import estimate_request_tokens
-from service.providers.openai_sync import SyncProvider
+from service.providers.openai_sync import ProviderResponse, SyncProvider
+from service.state.budget import BudgetExhaustedError, Ledger
 from service.state.results import StoredResult
 
 log = logging.getLogger("enrichd.pipeline")
@@ -48,6 +50,15 @@ class Sink(Protocol):
     async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None: ...
 
     async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None: ...
+
+
+class DeferError(Exception):
+    """Not now: leave the message in NATS and try again after ``delay_s``."""
+
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,8 @@ class Pipeline:
         self.counters = Counters()
         self.on_buffered: Callable[[], None] | None = None
         self.limiter: Limiter | None = None
+        self.ledger: Ledger | None = None
+        self.budget_recheck_s = 60.0
 
     # -- entry points -------------------------------------------------------------------
 
@@ -138,7 +151,35 @@ class Pipeline:
         if isinstance(decision, BatchRoute) and not force_sync:
             await self._buffer(intake, item, spec, body, decision)
             return None
-        outcome = await self.run_sync(spec, item, body, received_at=intake.received_at)
+        try:
+            outcome = await self.run_sync(spec, item, body, received_at=intake.received_at)
+        except BudgetExhaustedError as exc:
+            if not force_sync and item.priority not in ("urgent", "high"):
+                # Deadline work that the sync budget cannot pay for goes the cheaper way.
+                await self._buffer(
+                    intake,
+                    item,
+                    spec,
+                    body,
+                    BatchRoute(BufferKey(self.config.rules.provider, spec.endpoint, spec.model)),
+                )
+                return None
+            if force_sync:
+                outcome = Outcome(
+                    id=item.id,
+                    handler=item.handler,
+                    route="sync",
+                    model=spec.model,
+                    received_at=intake.received_at,
+                    completed_at=self.clock(),
+                    error=ErrorInfo("budget_exceeded", str(exc), True),
+                    metadata=item.metadata,
+                    source=item.source,
+                )
+                return await self.finish(outcome, item=item, intake=intake)
+            raise DeferError(
+                min(self.budget_recheck_s, seconds_until_next_day(self.clock())), str(exc)
+            ) from None
         return await self.finish(outcome, item=item, intake=intake)
 
     def prepare(self, intake: Intake) -> tuple[HandlerSpec, Item, dict[str, Any]]:
@@ -166,16 +207,7 @@ class Pipeline:
         while True:
             calls += 1
             try:
-                planned = self._planned_tokens(spec, body)
-                if self.limiter is not None:
-                    await self.limiter.acquire(spec.model, tokens=planned, urgent=item.priority == "urgent")
-                response = await self.provider.call(spec.endpoint, body)
-                if self.limiter is not None:
-                    self.limiter.observe(spec.model, response.headers)
-                    actual = response.usage.input_tokens + (
-                        spec.max_output_tokens if not spec.is_embedding else 0
-                    )
-                    await self.limiter.settle(spec.model, estimated=planned, actual=actual)
+                response = await self._call(spec, item, body)
                 spent = Usage(
                     spent.input_tokens + response.usage.input_tokens,
                     spent.output_tokens + response.usage.output_tokens,
@@ -243,10 +275,31 @@ class Pipeline:
                 )
                 await asyncio.sleep(decision.delay_s)
 
-    @staticmethod
-    def _planned_tokens(spec: HandlerSpec, body: dict[str, Any]) -> int:
-        # Providers count the requested max output toward TPM, as well as the prompt.
-        return estimate_request_tokens(body) + (0 if spec.is_embedding else spec.max_output_tokens)
+    async def _call(self, spec: HandlerSpec, item: Item, body: dict[str, Any]) -> ProviderResponse:
+        """One provider call inside the shared rate limit and the daily budget: both are
+        reserved at the call's upper bound first and corrected from ``usage`` after."""
+        prompt = estimate_request_tokens(body)
+        max_out = 0 if spec.is_embedding else spec.max_output_tokens
+        planned = prompt + max_out  # providers count the requested max output toward TPM
+        price = price_for(spec.model, self.config.prices)
+        ceiling = cost_usd(Usage(prompt, max_out), price, route="sync", batch_discount=0.0) or 0.0
+        day = await self.ledger.reserve(item.handler, "sync", ceiling) if self.ledger is not None else None
+        if self.limiter is not None:
+            await self.limiter.acquire(spec.model, tokens=planned, urgent=item.priority == "urgent")
+        try:
+            response = await self.provider.call(spec.endpoint, body)
+        except BaseException:
+            if self.ledger is not None and day is not None:
+                await self.ledger.correct(day, item.handler, "sync", -ceiling)  # failed calls are not billed
+            raise
+        if self.limiter is not None:
+            self.limiter.observe(spec.model, response.headers)
+            actual = response.usage.input_tokens + max_out
+            await self.limiter.settle(spec.model, estimated=planned, actual=actual)
+        if self.ledger is not None and day is not None:
+            real = cost_usd(response.usage, price, route="sync", batch_discount=0.0) or 0.0
+            await self.ledger.correct(day, item.handler, "sync", real - ceiling)
+        return response
 
     def _outcome(
         self,

@@ -152,6 +152,12 @@ class RateLimitSettings(_Section):
     tpm: int | None = Field(None, ge=1)
 
 
+class BudgetSettings(_Section):
+    daily_usd: float | None = Field(None, gt=0)
+    handlers: dict[str, float] = Field(default_factory=dict)
+    recheck_s: float = Field(60.0, gt=0)
+
+
 class EmulatorSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
@@ -190,6 +196,7 @@ class Settings(BaseSettings):
     prices: dict[str, PriceSettings] = Field(default_factory=_default_prices)
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
+    budget: BudgetSettings = BudgetSettings()
     rate_limit_urgent_reserve: float = Field(0.1, ge=0, lt=1)
     _registry: dict[str, HandlerSpec] = PrivateAttr(default_factory=dict)
 

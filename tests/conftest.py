@@ -109,7 +109,9 @@ async def make_daemon(nats_url: str, emulator: Any, tmp_path: Path, prefix: str)
 
     async def make(**overrides: Any) -> Daemon:
         api_key = overrides.pop("api_key", TEST_KEY)
-        daemon = Daemon(settings_for(tmp_path, nats_url, prefix, emulator.base_url, api_key, **overrides))
+        clock = overrides.pop("clock", None)
+        settings = settings_for(tmp_path, nats_url, prefix, emulator.base_url, api_key, **overrides)
+        daemon = Daemon(settings, clock=clock)
         await daemon.start()
         daemons.append(daemon)
         return daemon

@@ -40,6 +40,7 @@ RETRYABLE_CODES: dict[str, str] = {
     "batch_expired": "the batch expired before this request ran",
     "batch_cancelled": "the batch was cancelled before this request ran",
     "max_deliveries": "the intake message was delivered nats.max_deliver times without completing",
+    "budget_exceeded": "a sync request found today's budget spent (intake items wait instead)",
     "internal": "the daemon failed while handling a sync request (its log says why)",
 }
 PERMANENT_CODES: dict[str, str] = {

@@ -24,7 +24,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from service.core.errors import EnrichError
 from service.core.events import Outcome
 from service.core.items import salvage
-from service.pipeline import Intake, Pipeline
+from service.pipeline import DeferError, Intake, Pipeline
 from service.sinks.events import Redactor, dumps
 from service.subjects import Subjects
 
@@ -58,6 +58,7 @@ class NatsSource:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
+        self._paused_until = 0.0
 
     def register(self) -> None:
         """Declare the core-NATS subscribers on the broker (before ``broker.start()``)."""
@@ -96,7 +97,12 @@ class NatsSource:
 
     async def _pull_loop(self) -> None:
         assert self._sub is not None
+        loop = asyncio.get_running_loop()
         while True:
+            pause = self._paused_until - loop.time()
+            if pause > 0:  # work is waiting for the budget: leave the rest in NATS
+                await asyncio.sleep(min(pause, 5.0))
+                continue
             await self._slots.acquire()  # wait for room before asking for more
             self._slots.release()
             room = max(1, min(256, self._free_slots()))
@@ -148,7 +154,7 @@ class NatsSource:
     async def _run(self, msg: Msg, intake: Intake) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
-            await self._pipeline.process(intake)
+            await self._process_until_done(intake)
         except Exception:
             # Infrastructure failure (e.g. NATS publish timed out): the message is not
             # acked, JetStream redelivers it after a short delay.
@@ -160,6 +166,23 @@ class NatsSource:
             heartbeat.cancel()
             self._slots.release()
         await _quietly(msg.ack())
+
+    async def _process_until_done(self, intake: Intake) -> None:
+        """Process; when the pipeline says "not now" (budget spent), hold the message (the
+        heartbeat keeps it ours) and pause pulling more, rather than NAK it: a NAK would
+        count as a delivery and a day of waiting would exhaust ``max_deliver``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self._pipeline.process(intake)
+                return
+            except DeferError as exc:
+                self._paused_until = max(self._paused_until, loop.time() + exc.delay_s)
+                log.info(
+                    "item waits",
+                    extra={"seq": intake.seq, "delay_s": round(exc.delay_s, 1), "reason": exc.reason},
+                )
+                await asyncio.sleep(exc.delay_s)
 
     async def _heartbeat(self, msg: Msg) -> None:
         # Long provider calls (retries, backoff) must not let ack_wait expire.

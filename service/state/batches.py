@@ -49,6 +49,8 @@ class BatchRecord:
     previous_batch_ids: list[str] = field(default_factory=list)
     note: str | None = None
     status_changed_at: float = 0.0
+    budget_day: str | None = None
+    reserved_usd: float = 0.0
     revision: int = 0  # KV revision this copy was read at (not stored)
 
     def to_json(self) -> bytes:
