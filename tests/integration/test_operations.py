@@ -175,7 +175,9 @@ async def test_cli_check_batches_dlq_and_submit(
     assert {r["status"] for r in results} == {"ok", "error"} and all(r["route"] == "batch" for r in results)
     listing = await enrichd("batches", "list", "--json", env=env)
     records = json.loads(listing.stdout)
-    assert records and records[0]["state"] == "published" and records[0]["request_counts"]["total"] == 2
+    # one batch, or two when the second item arrived after the first flush
+    assert records and all(r["state"] == "published" for r in records)
+    assert sum(r["request_counts"]["total"] for r in records) == 2
     table = await enrichd("batches", "list", env=env)
     assert records[0]["batch_id"] in table.stdout and "published" in table.stdout
     shown = json.loads((await enrichd("batches", "show", records[0]["batch_id"], env=env)).stdout)
