@@ -33,7 +33,7 @@ from service.state.batches import BatchStore
 from service.state.budget import Ledger
 from service.state.limits import SharedLimiter
 from service.state.results import ResultStore
-from service.state.streams import ensure_results_bucket, ensure_streams
+from service.state.streams import ensure_streams, open_kv
 from service.subjects import Subjects
 
 log = logging.getLogger("enrichd")
@@ -91,7 +91,7 @@ class Daemon:
             replicas=s.nats.stream_replicas,
             result_dedup_window_s=s.nats.result_dedup_window_s,
         )
-        kv = await ensure_results_bucket(
+        kv = await open_kv(
             js, self.subjects.results_bucket, ttl_s=s.results.ttl_s, replicas=s.nats.stream_replicas
         )
         assert self._provider is not None

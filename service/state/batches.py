@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
+
+from service.state.streams import open_kv
 
 # prepared → submitted → finished → published; failed provider batches go back to prepared.
 ACTIVE_STATES = ("prepared", "submitted", "finished")
@@ -92,15 +94,8 @@ class BatchStore:
     async def open(cls, js: JetStreamContext, prefix: str, *, replicas: int) -> BatchStore:
         records = f"{prefix}_BATCHES"
         flushes = f"{prefix}_FLUSHES"
-        try:
-            kv = await js.key_value(records)
-        except BucketNotFoundError:
-            # Records outlive their batch by 30 days so `enrichd batches list` can show history.
-            kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=records, history=1, ttl=30 * 86_400, replicas=replicas, storage=StorageType.FILE
-                )
-            )
+        # Records outlive their batch by 30 days so `enrichd batches list` can show history.
+        kv = await open_kv(js, records, replicas=replicas, ttl_s=30 * 86_400)
         try:
             objects = await js.object_store(flushes)
         except (BucketNotFoundError, NotFoundError):

@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from service.core.budget import Caps, budget_day, fits
+from service.state.streams import open_kv
 
 
 class BudgetExhaustedError(Exception):
@@ -50,14 +50,7 @@ class Ledger:
         clock: Callable[[], datetime],
         on_exceeded: Callable[[str, str, float, float], Awaitable[None]] | None = None,
     ) -> Ledger:
-        try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket, history=1, ttl=40 * 86_400, replicas=replicas, storage=StorageType.FILE
-                )
-            )
+        kv = await open_kv(js, bucket, replicas=replicas, ttl_s=40 * 86_400)
         return cls(kv, caps, clock=clock, on_exceeded=on_exceeded)
 
     async def _read(self, key: str) -> tuple[dict[str, float], int]:

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from service.core.ratelimit import Bucket, Limits, reserve, settle, tighten
+from service.state.streams import open_kv
 
 log = logging.getLogger("enrichd.ratelimit")
 
@@ -38,12 +38,7 @@ class SharedLimiter:
     async def open(
         cls, js: JetStreamContext, bucket: str, limits: dict[str, Limits], *, replicas: int
     ) -> SharedLimiter:
-        try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE)
-            )
+        kv = await open_kv(js, bucket, replicas=replicas)
         return cls(kv, limits)
 
     def limits_for(self, model: str) -> Limits | None:

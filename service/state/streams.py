@@ -73,7 +73,9 @@ async def ensure_streams(
             log.info("added subjects to stream", extra={"stream": plan.name, "subjects": missing})
 
 
-async def ensure_results_bucket(js: JetStreamContext, name: str, *, ttl_s: float, replicas: int) -> KeyValue:
+async def open_kv(js: JetStreamContext, name: str, *, replicas: int, ttl_s: float | None = None) -> KeyValue:
+    """Bind a KV bucket, creating it (file storage, one revision per key) when missing;
+    an existing bucket keeps its configuration and data."""
     try:
         return await js.key_value(name)
     except BucketNotFoundError:
