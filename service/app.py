@@ -8,10 +8,12 @@ import asyncio
 import logging
 import signal
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from faststream.nats import NatsBroker
 
+from service import telemetry
 from service.batcher import Batcher
 from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps
@@ -55,6 +57,7 @@ class Daemon:
         self._provider: OpenAISyncProvider | None = None
         self._source: NatsSource | None = None
         self._health: HealthServer | None = None
+        self._meter_provider: Any = None
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,8 +70,11 @@ class Daemon:
         started = time.monotonic()
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics, registry, self._meter_provider = telemetry.build(bool(s.telemetry.metrics_port))
         if s.telemetry.metrics_port:
-            self._health = HealthServer(s.telemetry.metrics_host, s.telemetry.metrics_port, self.is_ready)
+            self._health = HealthServer(
+                s.telemetry.metrics_host, s.telemetry.metrics_port, self.is_ready, registry
+            )
             await self._health.start()
         if s.nats.embedded:
             self._embedded = EmbeddedNats(s.state_dir / "nats", port=s.nats.embedded_port)
@@ -145,6 +151,8 @@ class Daemon:
             lease_s=s.batching.lease_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
+        self.pipeline.metrics = self.batcher.metrics = self.metrics
+        self._register_gauges()
         if s.budget.daily_usd is not None or s.budget.handlers:
             ledger = await Ledger.open(
                 js,
@@ -224,6 +232,39 @@ class Daemon:
             project=s.openai.project,
         )
 
+    def _register_gauges(self) -> None:
+        batcher, source = self.batcher, self
+
+        def buffers() -> list[tuple[float, dict[str, str]]]:
+            assert batcher is not None
+            return [
+                (float(st.count), {"buffer": subject.rsplit(".", 1)[-1]})
+                for subject, st in batcher.last_buffers.items()
+            ]
+
+        def oldest() -> list[tuple[float, dict[str, str]]]:
+            assert batcher is not None
+            now = datetime.now(UTC)
+            return [
+                ((now - st.oldest).total_seconds(), {"buffer": subject.rsplit(".", 1)[-1]})
+                for subject, st in batcher.last_buffers.items()
+                if st.oldest is not None
+            ]
+
+        def batches() -> list[tuple[float, dict[str, str]]]:
+            assert batcher is not None
+            return [(float(n), {"status": status}) for status, n in batcher.batches_by_status.items()]
+
+        def inflight() -> list[tuple[float, dict[str, str]]]:
+            return [(float(source._source.inflight if source._source else 0), {})]
+
+        self.metrics.gauge("enrichd.buffer.items", "Items waiting in each batch buffer", buffers)
+        self.metrics.gauge("enrichd.buffer.oldest_age", "Age in seconds of the oldest buffered item", oldest)
+        self.metrics.gauge("enrichd.batches.in_flight", "Provider batches in flight, by status", batches)
+        self.metrics.gauge(
+            "enrichd.items.in_flight", "Intake items being processed by this replica", inflight
+        )
+
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""
         assert self.pipeline is not None
@@ -276,6 +317,19 @@ class Daemon:
         finally:
             await self.stop()
 
+    async def _close_clients(self) -> None:
+        """Last shutdown stages: provider client, emulator, embedded server, endpoints."""
+        if self._provider is not None:
+            await _stage("provider client closed", self._provider.close(), 5)
+        if self._emulator is not None:
+            await _stage("emulator stopped", self._emulator.stop(), 5)
+        if self._embedded is not None:
+            await _stage("embedded nats-server stopped", self._embedded.stop(), 15)
+        if self._health is not None:
+            await _stage("health endpoint stopped", self._health.stop(), 5)
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+
     async def stop(self) -> None:
         """Shut down in stages, each logged and bounded: stop intake, let in-flight items
         finish within ``shutdown.grace_s`` (the rest stay unacked and are redelivered),
@@ -305,14 +359,7 @@ class Daemon:
         if self._broker is not None:
             await _stage("nats connection drained", self._broker.stop(), 10)
             self._broker = None
-        if self._provider is not None:
-            await _stage("provider client closed", self._provider.close(), 5)
-        if self._emulator is not None:
-            await _stage("emulator stopped", self._emulator.stop(), 5)
-        if self._embedded is not None:
-            await _stage("embedded nats-server stopped", self._embedded.stop(), 15)
-        if self._health is not None:
-            await _stage("health endpoint stopped", self._health.stop(), 5)
+        await self._close_clients()
         counters = self.pipeline.counters.summary() if self.pipeline else ""
         log.info(f"stopped: {counters} unfinished={left}")
 

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from handlers import HandlerSpec
-from service import failpoints
+from service import failpoints, telemetry
 from service.batch_outcomes import Action, Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
 from service.core.batchfile import LineOutcome, custom_id, encode_line, parse_lines, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
@@ -39,6 +39,7 @@ from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore, StaleR
 from service.state.budget import BudgetExhaustedError, Ledger
 from service.state.results import ResultStore
 from service.subjects import Subjects
+from service.telemetry import Metrics
 
 log = logging.getLogger("enrichd.batch")
 # subject, payload, headers
@@ -96,6 +97,9 @@ class Batcher:
         self.ledger: Ledger | None = None
         self.budget_recheck_s = 60.0
         self._blocked_until: dict[str, float] = {}
+        self.metrics: Metrics = telemetry.build(False)[0]
+        self.last_buffers: dict[str, BufferState] = {}
+        self.batches_by_status: dict[str, int] = {}
 
     def request_stop(self) -> None:
         """Let the loops end at their next step. Cancellation alone is not enough: on
@@ -125,6 +129,7 @@ class Batcher:
             except Exception:  # noqa: BLE001 - a message flushed meanwhile; age unknown this round
                 oldest = None
             states[subject] = BufferState(count=count, bytes=int(count * self._avg_bytes), oldest=oldest)
+        self.last_buffers = states
         return states
 
     async def flush_loop(self) -> None:
@@ -360,7 +365,14 @@ class Batcher:
 
     async def poll_once(self) -> None:
         now = time.time()
-        for record in await self.store.all():
+        records = await self.store.all()
+        by_status: dict[str, int] = {}
+        for r in records:
+            if r.state in ACTIVE_STATES:
+                key = r.provider_status or r.state
+                by_status[key] = by_status.get(key, 0) + 1
+        self.batches_by_status = by_status
+        for record in records:
             if self._closing:
                 return
             if record.state not in ACTIVE_STATES:
@@ -602,6 +614,7 @@ class Batcher:
             error=action.error if isinstance(action, Fail) else None,
         )
         event = result_event(outcome)
+        self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         out: list[Message] = []
         if isinstance(action, Ok):
             subject, payload = self.results.put_message(event, intake_seq=item.get("intake_seq"))

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from handlers import HandlerSpec
-from service import failpoints
+from service import failpoints, telemetry
 from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
@@ -26,6 +26,7 @@ from service.core.tokens import estimate_request_tokens
 from service.providers.openai_sync import ProviderResponse, SyncProvider
 from service.state.budget import BudgetExhaustedError, Ledger
 from service.state.results import StoredResult
+from service.telemetry import Metrics
 
 log = logging.getLogger("enrichd.pipeline")
 
@@ -129,6 +130,7 @@ class Pipeline:
         self.on_buffered: Callable[[], None] | None = None
         self.limiter: Limiter | None = None
         self.ledger: Ledger | None = None
+        self.metrics: Metrics = telemetry.build(False)[0]
         self.budget_recheck_s = 60.0
 
     # -- entry points -------------------------------------------------------------------
@@ -138,6 +140,7 @@ class Pipeline:
         its buffered record) is durable and the source may ack. Returns the result event,
         or None when the item went to a batch buffer."""
         self.counters.received += 1
+        self.metrics.received.add(1, {"handler": intake.handler})
         try:
             spec, item, body = self.prepare(intake)
         except BadItemError as exc:
@@ -263,6 +266,7 @@ class Pipeline:
                 else:
                     waits += 1
                 self.counters.retries += 1
+                self.metrics.retries.add(1, {"handler": item.handler, "code": exc.code})
                 log.info(
                     "provider call failed, retrying",
                     extra={
@@ -285,7 +289,9 @@ class Pipeline:
         ceiling = cost_usd(Usage(prompt, max_out), price, route="sync", batch_discount=0.0) or 0.0
         day = await self.ledger.reserve(item.handler, "sync", ceiling) if self.ledger is not None else None
         if self.limiter is not None:
-            await self.limiter.acquire(spec.model, tokens=planned, urgent=item.priority == "urgent")
+            waited = await self.limiter.acquire(spec.model, tokens=planned, urgent=item.priority == "urgent")
+            if waited:
+                self.metrics.rate_limit_wait.add(waited, {"model": spec.model})
         try:
             response = await self.provider.call(spec.endpoint, body)
         except BaseException:
@@ -365,6 +371,7 @@ class Pipeline:
             )
         if intake.seq is not None:
             await self.sink.result(event)
+        self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         return event
 
     async def _finish_bad(self, intake: Intake, exc: EnrichError) -> dict[str, Any]:
@@ -413,6 +420,7 @@ class Pipeline:
         self.counters.cached += 1
         if intake.seq is not None:
             await self.sink.result(event, msg_id=f"{item.id}:{item.handler}:cached:{intake.seq}")
+        self.metrics.outcome(event, (self.clock() - intake.received_at).total_seconds())
         return event
 
     async def _buffer(

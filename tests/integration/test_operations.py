@@ -291,3 +291,29 @@ async def test_status_shows_buffers_batches_and_dlq(
     assert flying[0]["total"] == 10 and 0 < flying[0]["progress"] <= 1
     text = (await enrichd("status", env=env)).stdout
     assert "batches in flight" in text and flying[0]["batch_id"] in text and "buffers" in text
+
+
+async def test_metrics_health_and_readiness(make_daemon, nc, prefix, emulator) -> None:
+    import aiohttp
+
+    port = free_port()
+    daemon = await make_daemon(telemetry={"metrics_port": port},
+                               batching={"max_wait_s": 0.3, "poll_interval_s": 0.2})
+    js = nc.jetstream()
+    await js.publish(f"{prefix}.in.tags", json.dumps({"id": "m1", "text": "metric me", "priority": "urgent"}).encode())
+    await js.publish(f"{prefix}.in.tags", json.dumps({"id": "m2", "text": "batch me"}).encode())
+    await js.publish(f"{prefix}.in.tags", b"{broken")
+    await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 3)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
+        async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+            assert r.status == 200 and (await r.json())["ready"] is True
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+    assert 'enrichd_items_received_total{handler="tags"' in text
+    assert 'route="sync",status="ok"' in text and 'route="batch",status="ok"' in text
+    assert 'enrichd_dlq_total{code="invalid_json"' in text
+    assert "enrichd_tokens_total" in text and "enrichd_cost_USD_total" in text
+    assert "enrichd_item_latency_seconds_bucket" in text
+    assert "enrichd_batches_in_flight" in text or "enrichd_buffer_items" in text

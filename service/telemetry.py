@@ -1,0 +1,109 @@
+"""Metrics (OpenTelemetry, exported for Prometheus on ``/metrics``). One MeterProvider and
+one Prometheus registry per daemon; instruments are created here and nowhere else, and the
+rest of the daemon records through :class:`Metrics` (a no-op when metrics are off)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeterProvider, Observation
+from prometheus_client import CollectorRegistry
+
+LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600]
+
+
+class Metrics:
+    def __init__(self, meter: Meter) -> None:
+        self.received = meter.create_counter(
+            "enrichd.items.received", unit="1", description="Intake messages received, by handler"
+        )
+        self.completed = meter.create_counter(
+            "enrichd.items.completed",
+            unit="1",
+            description="Result events, by handler, route, status and cached",
+        )
+        self.retries = meter.create_counter(
+            "enrichd.retries", unit="1", description="Provider retries, by code"
+        )
+        self.dead_letters = meter.create_counter("enrichd.dlq", unit="1", description="DLQ entries, by code")
+        self.tokens = meter.create_counter(
+            "enrichd.tokens", unit="{token}", description="Tokens billed, by model, route and direction"
+        )
+        self.cost = meter.create_counter("enrichd.cost", unit="USD", description="Cost, by model and route")
+        self.latency = meter.create_histogram(
+            "enrichd.item.latency", unit="s", description="Intake to result, by route"
+        )
+        self.rate_limit_wait = meter.create_counter(
+            "enrichd.ratelimit.wait", unit="s", description="Time spent waiting for the shared rate limit"
+        )
+        self._gauges: dict[str, Callable[[], Iterable[tuple[float, dict[str, str]]]]] = {}
+        self._meter = meter
+
+    def gauge(
+        self, name: str, description: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]]
+    ) -> None:
+        """An observable gauge whose values come from ``read()`` at scrape time."""
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, attrs) for value, attrs in read()]
+
+        self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
+
+    def outcome(self, event: dict[str, Any], latency_s: float | None) -> None:
+        attrs = {
+            "handler": event["handler"],
+            "route": event["route"],
+            "status": event["status"],
+            "cached": str(bool(event.get("cached"))).lower(),
+        }
+        self.completed.add(1, attrs)
+        if event["status"] == "error" and event.get("error"):
+            self.dead_letters.add(1, {"handler": event["handler"], "code": event["error"]["code"]})
+        usage = event.get("usage") or {}
+        if not event.get("cached") and event.get("model"):
+            model_attrs = {"model": event["model"], "route": event["route"]}
+            for direction in ("input", "output"):
+                if usage.get(f"{direction}_tokens"):
+                    self.tokens.add(usage[f"{direction}_tokens"], {**model_attrs, "direction": direction})
+            if event.get("cost_usd"):
+                self.cost.add(event["cost_usd"], model_attrs)
+        if latency_s is not None:
+            self.latency.record(latency_s, {"route": event["route"]})
+
+
+def build(enabled: bool, service_name: str = "enrichd") -> tuple[Metrics, CollectorRegistry | None, Any]:
+    """Metrics for one daemon: (metrics, the registry ``/metrics`` serves, the provider to
+    shut down). Also pushes over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_*`` is set and the
+    exporter package is installed."""
+    if not enabled:
+        return Metrics(NoOpMeterProvider().get_meter("enrichd")), None, None
+    import os
+
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+    from opentelemetry.sdk.resources import Resource
+
+    registry = CollectorRegistry()
+    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        except ImportError:  # the OTLP exporter is optional
+            pass
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": service_name}),
+        metric_readers=readers,
+        views=[
+            View(
+                instrument_name="enrichd.item.latency",
+                aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_S),
+            )
+        ],
+    )
+    return Metrics(provider.get_meter("enrichd")), registry, provider
