@@ -297,10 +297,13 @@ async def test_metrics_health_and_readiness(make_daemon, nc, prefix, emulator) -
     import aiohttp
 
     port = free_port()
-    daemon = await make_daemon(telemetry={"metrics_port": port},
-                               batching={"max_wait_s": 0.3, "poll_interval_s": 0.2})
+    daemon = await make_daemon(
+        telemetry={"metrics_port": port}, batching={"max_wait_s": 0.3, "poll_interval_s": 0.2}
+    )
     js = nc.jetstream()
-    await js.publish(f"{prefix}.in.tags", json.dumps({"id": "m1", "text": "metric me", "priority": "urgent"}).encode())
+    await js.publish(
+        f"{prefix}.in.tags", json.dumps({"id": "m1", "text": "metric me", "priority": "urgent"}).encode()
+    )
     await js.publish(f"{prefix}.in.tags", json.dumps({"id": "m2", "text": "batch me"}).encode())
     await js.publish(f"{prefix}.in.tags", b"{broken")
     await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 3)
