@@ -58,6 +58,7 @@ class Daemon:
         self._source: NatsSource | None = None
         self._health: HealthServer | None = None
         self._meter_provider: Any = None
+        self.folders: Any = None
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -190,6 +191,10 @@ class Daemon:
         )(self._on_cancel)
         await broker.start()
         await self._source.start(js)
+        if s.folders.enabled:
+            from service.sources.folder_source import attach
+
+            self.folders = await attach(self)
         self._tasks = [
             asyncio.create_task(self.batcher.flush_loop(), name="flush"),
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),
@@ -342,6 +347,8 @@ class Daemon:
         grace = self.settings.shutdown.grace_s
         log.info("stopping", extra={"grace_s": grace})
         left = 0
+        if self.folders is not None:
+            await _stage("folder watching stopped", self.folders.stop(), 10)
         if self._source is not None:
             await _stage("intake stopped", self._source.stop_intake(), 5)
             for sub in list(self._broker.subscribers if self._broker else []):

@@ -1,8 +1,13 @@
-"""Reading files into items (CONTRACT §7, and ``enrichd submit``). Pure: bytes in, item
-dicts out; every problem is a :class:`FileFormatError` with a reason a person can act on.
+"""Reading files into items (CONTRACT §7, and ``enrichd submit``). Pure: a binary stream
+in, item dicts out; every problem is a :class:`FileFormatError` with a code and a reason a
+person can act on.
 
 Each yielded entry is either an item dict or a :class:`LineError` (one bad line of a
-``.jsonl``/``.csv`` fails that line, not the file)."""
+``.jsonl``/``.csv``, one bad message of an ``.mbox``, fails that record, not the file).
+``.jsonl``, ``.csv`` and ``.mbox`` are streamed record by record, so a large export is
+never held in memory whole; the single-item formats are read whole (bounded by the
+caller's size limit). A whole-file problem is always found before the first record of
+a streamed format is yielded, or it is turned into a :class:`LineError`."""
 
 from __future__ import annotations
 
@@ -16,33 +21,105 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any
+from pathlib import PurePath
+from typing import Any, BinaryIO
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
+_HEAD = 8192
+_BOM_UTF8 = b"\xef\xbb\xbf"
+_FIELD_BUDGET = 20_000  # characters of one front-matter field: guards against YAML alias bombs
 
 
 class FileFormatError(ValueError):
-    """The whole file cannot be read."""
+    """The whole file cannot be read. ``code`` is one of the codes in docs/folders.md."""
+
+    def __init__(self, message: str, code: str = "invalid_format") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
 class LineError:
-    """One record of a multi-record file is bad; ``line`` is 1-based."""
+    """One record of a multi-record file is bad; ``line`` is 1-based. ``code`` is a
+    bad-item code (service.core.errors.BAD_ITEM_CODES); ``raw`` the record's bytes, if any."""
 
     line: int
     code: str
     message: str
+    raw: bytes | None = None
 
 
-def decode_text(data: bytes, name: str) -> str:
-    if b"\x00" in data[:8192]:
-        raise FileFormatError(f"{name} looks binary (NUL bytes); expected UTF-8 text")
+Entry = dict[str, Any] | LineError
+
+
+def file_items(name: str, data: bytes) -> Iterator[Entry]:
+    """Items of a file held in memory (``enrichd submit``)."""
+    return iter_file(name, io.BytesIO(data))
+
+
+def iter_file(name: str, stream: BinaryIO) -> Iterator[Entry]:
+    """Items of one file, by suffix; ``stream`` must be seekable. Unknown suffixes are
+    read as plain text. Raises FileFormatError (possibly lazily, before the first entry)."""
+    suffix = PurePath(name).suffix.lower()
+    encoding = sniff(stream, name)
+    if suffix == ".eml":
+        return iter([email_item(stream.read())])
+    if suffix == ".mbox":
+        return mbox_items(stream)
+    if suffix in (".jsonl", ".ndjson"):
+        return jsonl_items(_lines(stream, encoding))
+    if suffix == ".csv":
+        return csv_items(_lines(stream, encoding))
+    text = decode_text(stream.read(), name, encoding)
+    if suffix == ".json":
+        return json_items(text)
+    if suffix in (".md", ".markdown"):
+        return iter([note_item(name, text)])
+    return iter([{"text": text.strip(), "source": "file"}])
+
+
+def sniff(stream: BinaryIO, name: str) -> str:
+    """The text encoding of a file from its first bytes (BOM, else UTF-8); refuses empty
+    and binary files. Leaves the stream at its start."""
+    head = stream.read(_HEAD)
+    stream.seek(0)
+    if not head:
+        raise FileFormatError(f"{name} is empty", "empty_file")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if b"\x00" in head:
+        raise FileFormatError(f"{name} looks binary (NUL bytes); expected UTF-8 text", "binary_file")
+    return "utf-8-sig"
+
+
+def decode_text(data: bytes, name: str, encoding: str = "utf-8-sig") -> str:
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise FileFormatError(f"{name} is not UTF-8 (bad byte at offset {exc.start})") from None
+        raise FileFormatError(
+            f"{name} is not UTF-8 (bad byte at offset {exc.start}); save it as UTF-8", "invalid_encoding"
+        ) from None
+    if not text.strip():
+        raise FileFormatError(f"{name} holds only whitespace", "empty_file")
     return text
 
+
+def _lines(stream: BinaryIO, encoding: str) -> Iterator[tuple[int, str | None, bytes]]:
+    """(line number, text or None when the line is not valid UTF-8, raw bytes)."""
+    if encoding == "utf-16":
+        wrapper = io.TextIOWrapper(stream, encoding="utf-16", newline="")
+        for number, line in enumerate(wrapper, 1):
+            yield number, line, line.encode()
+        return
+    for number, raw in enumerate(stream, 1):
+        if number == 1 and raw.startswith(_BOM_UTF8):
+            raw = raw[len(_BOM_UTF8) :]
+        try:
+            yield number, raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            yield number, None, raw
+
+
+# -- notes ----------------------------------------------------------------------------------
 
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.S)
 
@@ -61,15 +138,39 @@ def split_front_matter(text: str) -> tuple[dict[str, str], str]:
     body = text[match.end() :]
     if not isinstance(data, dict):
         return {}, body
-    return {str(k): _flat(v) for k, v in data.items() if v is not None}, body
+    return {str(k): _flat(v, [_FIELD_BUDGET]) for k, v in data.items() if v is not None}, body
 
 
-def _flat(value: Any) -> str:
+def _flat(value: Any, budget: list[int]) -> str:
+    # ``budget`` is shared across the recursion: YAML aliases can make a small document
+    # describe an exponentially large list, which must not be expanded.
+    if budget[0] <= 0:
+        return "…"
     if isinstance(value, list):
-        return ", ".join(_flat(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return str(value)
+        out = ", ".join(_flat(v, budget) for v in value)
+    elif isinstance(value, dict):
+        out = ", ".join(f"{k}: {_flat(v, budget)}" for k, v in value.items())
+    elif isinstance(value, bool):
+        out = "true" if value else "false"
+    else:
+        out = str(value)
+    budget[0] -= len(out) + 1
+    return out
+
+
+def note_item(name: str, text: str) -> dict[str, Any]:
+    """A Markdown note: front matter → fields, plus ``title`` (the file name unless the
+    front matter has one). A note that is only properties is enriched from them."""
+    fields, body = split_front_matter(text)
+    fields.setdefault("title", PurePath(name).stem)
+    body = body.strip()
+    if not body:
+        lines = [fields["title"]] + [f"{k}: {v}" for k, v in fields.items() if k != "title" and v]
+        body = "\n".join(lines)
+    return {"text": body, "fields": fields, "source": "note"}
+
+
+# -- email ----------------------------------------------------------------------------------
 
 
 def email_item(data: bytes) -> dict[str, Any]:
@@ -78,6 +179,7 @@ def email_item(data: bytes) -> dict[str, Any]:
     msg = email.message_from_bytes(data, policy=email.policy.default)
     if not isinstance(msg, EmailMessage):
         raise FileFormatError("not an email message")
+    msg = _repair_boundary(msg)
     fields: dict[str, str] = {}
     for header in ("subject", "from", "to", "date"):
         try:
@@ -88,22 +190,44 @@ def email_item(data: bytes) -> dict[str, Any]:
             fields[header] = str(value).strip()
     text = _email_body(msg)
     if not text.strip():
-        raise FileFormatError("the email has no readable text body")
+        raise FileFormatError("the email has no readable text body", "no_items")
     return {"text": text.strip(), "fields": fields, "source": "email"}
+
+
+_BOUNDARY_LINE = re.compile(r"^--([^\s-][^\s]{0,69})\s*$", re.M)
+
+
+def _repair_boundary(msg: EmailMessage) -> EmailMessage:
+    """A multipart whose declared boundary never occurs (a common export bug) is parsed
+    as one opaque string; re-parse it with the boundary its body actually uses."""
+    if msg.get_content_maintype() != "multipart" or msg.is_multipart():
+        return msg
+    payload = msg.get_payload()
+    found = _BOUNDARY_LINE.search(payload) if isinstance(payload, str) else None
+    if found is None:
+        return msg
+    try:
+        msg.set_boundary(found.group(1))
+        repaired = email.message_from_string(msg.as_string(), policy=email.policy.default)
+    except Exception:  # noqa: BLE001 - keep the unrepaired message
+        return msg
+    return repaired if isinstance(repaired, EmailMessage) and repaired.is_multipart() else msg
 
 
 def _email_body(msg: EmailMessage) -> str:
     part = msg.get_body(preferencelist=("plain", "html"))
     if part is None:
-        if msg.is_multipart():
-            raise FileFormatError("the email has no text/plain or text/html part (broken MIME?)")
-        part = msg
+        payload = msg.get_payload()
+        if isinstance(payload, str):  # broken MIME we could not repair: the raw body
+            text = payload.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+            return html_to_text(text) if "<html" in text.lower() else text
+        raise FileFormatError("the email has no text/plain or text/html part to read", "no_items")
     try:
         content = part.get_content()
     except (LookupError, UnicodeError):
         # Unknown charset (e.g. X-UNKNOWN): decode the bytes as UTF-8, replacing what isn't.
-        payload = part.get_payload(decode=True)
-        content = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else ""
+        raw = part.get_payload(decode=True)
+        content = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else ""
     if not isinstance(content, str):
         raise FileFormatError("the email body is not text")
     if part.get_content_type() == "text/html":
@@ -118,79 +242,162 @@ def html_to_text(markup: str) -> str:
     return re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text)).strip()
 
 
-def json_items(text: str) -> Iterator[dict[str, Any] | LineError]:
+def mbox_items(stream: BinaryIO) -> Iterator[Entry]:
+    """One item per message of an mbox (messages start with a ``From `` line), one
+    message in memory at a time."""
+    first = stream.readline()
+    if not first.startswith(b"From "):
+        raise FileFormatError("not an mbox: the first line must start with 'From '")
+    return _mbox_messages(stream)
+
+
+def _mbox_messages(stream: BinaryIO) -> Iterator[Entry]:
+    number, lines = 1, list[bytes]()
+    for raw in stream:
+        if raw.startswith(b"From "):
+            yield _mbox_message(number, lines)
+            number, lines = number + 1, []
+        else:
+            lines.append(raw[1:] if re.match(rb">+From ", raw) else raw)
+    yield _mbox_message(number, lines)
+
+
+def _mbox_message(number: int, lines: list[bytes]) -> Entry:
+    data = b"".join(lines)
+    try:
+        return email_item(data)
+    except FileFormatError as exc:
+        return LineError(number, "invalid_text", f"message {number}: {exc}", data[:4096])
+
+
+# -- records --------------------------------------------------------------------------------
+
+
+def json_items(text: str) -> Iterator[Entry]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FileFormatError(f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise FileFormatError("not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict | list):
+        raise FileFormatError("a .json file must hold an item (an object) or a list of items")
     records = data if isinstance(data, list) else [data]
+    if not records:
+        raise FileFormatError("the list of items is empty", "no_items")
+    return _json_records(records)
+
+
+def _json_records(records: list[Any]) -> Iterator[Entry]:
     for i, record in enumerate(records, 1):
         if isinstance(record, dict):
             yield record
         else:
-            yield LineError(i, "not_an_object", f"element {i} is not an object")
+            raw = json.dumps(record, ensure_ascii=False).encode()
+            yield LineError(i, "not_an_object", f"element {i} is not an object", raw)
 
 
-def jsonl_items(lines: Iterator[str]) -> Iterator[dict[str, Any] | LineError]:
-    for number, line in enumerate(lines, 1):
+def jsonl_items(lines: Iterator[tuple[int, str | None, bytes]]) -> Iterator[Entry]:
+    for number, line, raw in lines:
+        if line is None:
+            yield LineError(number, "invalid_utf8", f"line {number} is not UTF-8", raw)
+            continue
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield LineError(number, "invalid_json", f"line {number} is not JSON: {exc.msg}")
+            yield LineError(number, "invalid_json", f"line {number} is not JSON: {exc.msg}", raw)
+            continue
+        except RecursionError:
+            yield LineError(number, "invalid_json", f"line {number} is nested too deeply", raw)
             continue
         if isinstance(record, dict):
             yield record
         else:
-            yield LineError(number, "not_an_object", f"line {number} is not a JSON object")
+            yield LineError(number, "not_an_object", f"line {number} is not a JSON object", raw)
 
 
-def csv_items(text: str) -> Iterator[dict[str, Any] | LineError]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise FileFormatError("a CSV needs a header row with a 'text' column")
-    for row in reader:
-        line = reader.line_num
-        if None in row:
-            yield LineError(line, "invalid_fields", f"row at line {line} has more cells than the header")
-            continue
-        fields = {k: v for k, v in row.items() if k != "text" and v is not None and k}
-        yield {"text": row.get("text") or "", "fields": fields}
+def csv_items(lines: Iterator[tuple[int, str | None, bytes]]) -> Iterator[Entry]:
+    """Column ``text`` (any case) → text, the other named columns → fields. The
+    delimiter is ``,``, ``;``, tab or ``|``: whichever makes ``text`` a header."""
+    bad: set[int] = set()
+
+    def texts() -> Iterator[str]:
+        for number, line, raw in lines:
+            if line is None:
+                bad.add(number)
+                line = raw.decode("utf-8", errors="replace")
+            yield line
+
+    source = texts()
+    header_line = next(source, "")
+    delimiter, header = _csv_header(header_line)
+    csv.field_size_limit(max(csv.field_size_limit(), 64 * 1024 * 1024))
+    return _csv_rows(csv.reader(source, delimiter=delimiter), header, bad)
 
 
-def file_items(name: str, data: bytes) -> Iterator[dict[str, Any] | LineError]:
-    """Items of one file, by suffix. Unknown suffixes are read as plain text."""
-    lower = name.lower()
-    if lower.endswith(".eml"):
-        yield email_item(data)
-        return
-    if lower.endswith(".mbox"):
-        yield from mbox_items(data)
-        return
-    text = decode_text(data, name)
-    if lower.endswith(".jsonl") or lower.endswith(".ndjson"):
-        yield from jsonl_items(iter(text.splitlines()))
-    elif lower.endswith(".json"):
-        yield from json_items(text)
-    elif lower.endswith(".csv"):
-        yield from csv_items(text)
-    elif lower.endswith((".md", ".markdown")):
-        fields, body = split_front_matter(text)
-        yield {"text": body.strip(), "fields": fields, "source": "note"}
-    else:
-        yield {"text": text.strip(), "source": "file"}
+def _csv_header(line: str) -> tuple[str, list[str]]:
+    for delimiter in (",", ";", "\t", "|"):
+        names = [name.strip() for name in next(csv.reader([line], delimiter=delimiter), [])]
+        if "text" in (name.lower() for name in names):
+            return delimiter, names
+    raise FileFormatError("a CSV needs a header row with a 'text' column")
 
 
-def mbox_items(data: bytes) -> Iterator[dict[str, Any] | LineError]:
-    """One item per message of an mbox (messages start with a ``From `` line)."""
-    chunks = re.split(rb"(?m)^From [^\n]*\n", data)
-    messages = [c for c in chunks if c.strip()]
-    if not messages:
-        raise FileFormatError("the mbox holds no messages")
-    for number, chunk in enumerate(messages, 1):
-        unescaped = re.sub(rb"(?m)^>(>*From )", rb"\1", chunk)
+def _csv_rows(reader: Any, header: list[str], bad: set[int]) -> Iterator[Entry]:
+    text_at = [name.lower() for name in header].index("text")
+    previous = 1
+    while True:
         try:
-            yield email_item(unescaped)
-        except FileFormatError as exc:
-            yield LineError(number, "invalid_text", f"message {number}: {exc}")
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            previous = reader.line_num + 1
+            yield LineError(reader.line_num + 1, "invalid_fields", f"line {reader.line_num + 1}: {exc}")
+            continue
+        line, first = reader.line_num + 1, previous + 1  # +1: the header line came first
+        previous = line
+        if not any(cell.strip() for cell in row):
+            continue
+        raw = ",".join(row).encode()
+        if any(n in bad for n in range(first, line + 1)):
+            yield LineError(line, "invalid_utf8", f"row at line {line} is not UTF-8", raw)
+        elif len(row) > len(header):
+            yield LineError(line, "invalid_fields", f"row at line {line} has more cells than the header", raw)
+        else:
+            fields = {name: value for name, value in zip(header, row, strict=False) if name}
+            text = fields.pop(header[text_at], "")
+            yield {"text": text, "fields": fields}
+
+
+# -- names ----------------------------------------------------------------------------------
+
+_TEMP_SUFFIXES = (
+    "~",
+    ".swp",
+    ".swo",
+    ".swx",
+    ".tmp",
+    ".temp",
+    ".part",
+    ".partial",
+    ".crdownload",
+    ".download",
+    ".filepart",
+    ".!ut",
+)
+_JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "4913"})  # 4913: vim's write probe
+
+
+def ignored_name(name: str) -> bool:
+    """Names a watched folder never reads: dot-files (and dot-directories, which hold
+    ``.done``/``.failed``), editor backups and swap files, partial downloads, OS junk."""
+    lower = name.lower()
+    return (
+        lower.startswith((".", "~$"))
+        or (lower.startswith("#") and lower.endswith("#"))
+        or lower.endswith(_TEMP_SUFFIXES)
+        or lower in _JUNK_NAMES
+    )
