@@ -4,6 +4,7 @@ its validation errors and the mapped output/error lines."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,46 @@ def line_action(
     return Fail(info, Usage(0, 0), error.message)
 
 
+class ActionCollector:
+    """Turns output/error lines into per-item actions as they are read, so the response
+    bodies of a large batch are never all held at once. A success wins over an error
+    line for the same request."""
+
+    def __init__(
+        self, items: list[dict[str, Any]], registry: dict[str, HandlerSpec], *, status: str, max_attempts: int
+    ) -> None:
+        self._items = items
+        self._registry = registry
+        self._status = status
+        self._max_attempts = max_attempts
+        self._index = {item["cid"]: i for i, item in enumerate(items)}
+        self._actions: list[Action | None] = [None] * len(items)
+
+    def _action(self, item: dict[str, Any], outcome: LineOutcome | None) -> Action:
+        return line_action(
+            self._registry.get(item["handler"]),
+            outcome,
+            status=self._status,
+            attempts=int(item.get("batch_attempts", 0)) + 1,
+            max_attempts=self._max_attempts,
+        )
+
+    def add(self, lines: Iterable[tuple[str, LineOutcome]]) -> None:
+        for cid, outcome in lines:
+            index = self._index.get(cid)
+            if index is None:
+                continue  # not ours (or a line repeated by the provider)
+            action = self._action(self._items[index], outcome)
+            if self._actions[index] is None or isinstance(action, Ok):
+                self._actions[index] = action
+
+    def result(self) -> list[Action]:
+        return [
+            action if action is not None else self._action(item, None)
+            for item, action in zip(self._items, self._actions, strict=True)
+        ]
+
+
 def completed_batch_actions(
     items: list[dict[str, Any]],
     lines: dict[str, LineOutcome],
@@ -107,13 +148,6 @@ def completed_batch_actions(
     status: str,
     max_attempts: int,
 ) -> list[Action]:
-    return [
-        line_action(
-            registry.get(item["handler"]),
-            lines.get(item["cid"]),
-            status=status,
-            attempts=int(item.get("batch_attempts", 0)) + 1,
-            max_attempts=max_attempts,
-        )
-        for item in items
-    ]
+    collector = ActionCollector(items, registry, status=status, max_attempts=max_attempts)
+    collector.add(lines.items())
+    return collector.result()

@@ -25,8 +25,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from handlers import HandlerSpec
 from service import failpoints, telemetry
-from service.batch_outcomes import Action, Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
-from service.core.batchfile import LineOutcome, custom_id, encode_line, parse_lines, to_jsonl
+from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
+from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
@@ -488,10 +488,7 @@ class Batcher:
         if info.status == "failed":
             actions = failed_batch_actions(info, len(items))
         else:
-            lines = await self._download(info)
-            actions = completed_batch_actions(
-                items, lines, self.registry, status=info.status, max_attempts=self.max_attempts
-            )
+            actions = await self._line_actions(info, items)
         record.state = "finished"
         record = await self._save(record)
         await self._publish(record, info, items, actions)
@@ -514,15 +511,17 @@ class Batcher:
             extra={"flush_id": record.flush_id, "batch_id": info.id, "reason": why},
         )
 
-    async def _download(self, info: BatchInfo) -> dict[str, LineOutcome]:
-        lines: dict[str, LineOutcome] = {}
-        for file_id in (info.error_file_id, info.output_file_id):  # successes win over errors
+    async def _line_actions(self, info: BatchInfo, items: list[dict[str, Any]]) -> list[Action]:
+        """Stream the error file, then the output file, into per-item actions."""
+        collector = ActionCollector(items, self.registry, status=info.status, max_attempts=self.max_attempts)
+        for file_id in (info.error_file_id, info.output_file_id):
             if not file_id:
                 continue
-            chunks = [chunk async for chunk in self.provider.download(file_id)]
-            for cid, outcome in parse_lines(chunks):
-                lines[cid] = outcome
-        return lines
+            reader = LineReader()
+            async for chunk in self.provider.download(file_id):
+                collector.add(reader.feed(chunk))
+            collector.add(reader.finish())
+        return collector.result()
 
     # -- results -------------------------------------------------------------------------
 

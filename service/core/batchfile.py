@@ -87,16 +87,29 @@ def _http_failure(status: int, body: Any) -> ProviderError:
     return classify_status(status, code, message, None)
 
 
+class LineReader:
+    """Incremental JSONL parsing for files that arrive in chunks (lines may span chunks),
+    so a large output file is never held whole."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, LineOutcome]]:
+        *lines, self._rest = (self._rest + chunk).split(b"\n")
+        return list(_parse_many(lines))
+
+    def finish(self) -> list[tuple[str, LineOutcome]]:
+        rest, self._rest = self._rest, b""
+        return list(_parse_many([rest])) if rest.strip() else []
+
+
 def parse_lines(chunks: Iterable[bytes]) -> Iterator[tuple[str, LineOutcome]]:
-    """Parse a JSONL file given as bytes chunks (lines may span chunks). Blank and
-    unparsable lines are skipped: an item with no line is handled as missing."""
-    rest = b""
+    """Parse a JSONL file given as bytes chunks. Blank and unparsable lines are skipped:
+    an item with no line is handled as missing."""
+    reader = LineReader()
     for chunk in chunks:
-        rest += chunk
-        *lines, rest = rest.split(b"\n")
-        yield from _parse_many(lines)
-    if rest.strip():
-        yield from _parse_many([rest])
+        yield from reader.feed(chunk)
+    yield from reader.finish()
 
 
 def _parse_many(lines: list[bytes]) -> Iterator[tuple[str, LineOutcome]]:
