@@ -24,29 +24,6 @@ from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-bench-0000000000000000"
-# `enrichd run` with the folder source attached, whether or not service/app.py wires it yet.
-RUNNER = """
-import service.app as app
-from service.sources import folder_source
-
-if "folder_source" not in open(app.__file__).read():
-    start, stop = app.Daemon.start, app.Daemon.stop
-
-    async def start_with_folders(self):
-        await start(self)
-        await folder_source.attach(self)
-
-    async def stop_with_folders(self):
-        if getattr(self, "folders", None) is not None:
-            await self.folders.stop()
-        await stop(self)
-
-    app.Daemon.start, app.Daemon.stop = start_with_folders, stop_with_folders
-
-from service.cli import main
-
-main()
-"""
 
 
 def rss_mb(pid: int, field: str) -> float:
@@ -57,7 +34,7 @@ def rss_mb(pid: int, field: str) -> float:
 
 
 def spawn(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", RUNNER, "run"], cwd=ROOT, env=env, stderr=log)
+    return subprocess.Popen([sys.executable, "-m", "service", "run"], cwd=ROOT, env=env, stderr=log)
 
 
 def write_jsonl(path: Path, lines: int) -> None:

@@ -100,6 +100,7 @@ class InboxWatcher:
                     self.inbox.mkdir(parents=True, exist_ok=True)  # it may have been deleted
                     await self._watch(stop)
                 except Exception as exc:  # noqa: BLE001 - watching must go on
+                    _reraise_if_cancelled()
                     log.warning("folder watcher failed; restarting it", extra={"error": display(str(exc))})
                     delay = 0.2 if time.monotonic() - started > 10 else min(delay * 2, 5.0)
                     await asyncio.sleep(delay)
@@ -246,11 +247,14 @@ class ResultCollector:
 
     async def run(self) -> None:
         while True:
+            _reraise_if_cancelled()  # a cancel swallowed by a fetch that returned messages
             try:
                 msgs = await self._sub.fetch(FETCH, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
+                _reraise_if_cancelled()  # 3.11's wait_for can turn a cancel into a timeout
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+                _reraise_if_cancelled()  # nats-py reports a cancel while closing as ConnectionClosed
                 log.warning("results fetch failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
                 continue
@@ -360,6 +364,7 @@ class FolderSource:
 
     async def _worker(self) -> None:
         while True:
+            _reraise_if_cancelled()
             work = await self._queue.get()
             try:
                 await work()

@@ -7,21 +7,19 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from service.core.formats import split_front_matter
-from service.sources.folder_source import attach
+from service.sources.folder_source import FolderSource, attach
 from tests.conftest import FIXTURES, events, read_stream
-from tests.integration.proc import ROOT, DaemonProcess
+from tests.integration.proc import DaemonProcess
 from tests.integration.test_crash import daemon_env
 
 FAST = {"max_wait_s": 0.5, "poll_interval_s": 0.2}
@@ -289,48 +287,34 @@ async def test_restart_keeps_waiting_files_and_a_redrop_is_answered_from_the_sto
     assert done[0]["results"] == str(first.resolve())
 
 
+async def test_stop_ends_the_results_loop_even_when_nats_py_swallows_the_cancel(
+    make_daemon, nats_url
+) -> None:
+    # nats-py's next_msg turns a cancel on a closing connection into ConnectionClosedError (and
+    # 3.11's wait_for can drop one): the loop must still end, or the shutdown stage would hang.
+    daemon = await make_daemon(folders={"enabled": False})
+    client = await nats.connect(nats_url)
+    source = FolderSource(daemon.settings, daemon.subjects, client, daemon.redact)
+    await source.start()
+    entered = asyncio.Event()
+
+    async def fetch(*_args: Any, **_kwargs: Any) -> list[Any]:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise nats.errors.ConnectionClosedError from None
+        return []
+
+    source._results._sub.fetch = fetch
+    await asyncio.wait_for(entered.wait(), 5)
+    try:
+        await asyncio.wait_for(source.stop(), 5)
+    finally:
+        await client.close()
+
+
 # -- real processes --------------------------------------------------------------------------
-
-# `enrichd run` with the folder source attached, whether or not service/app.py wires it yet.
-RUNNER = """
-import service.app as app
-from service.sources import folder_source
-
-if "folder_source" not in open(app.__file__).read():
-    start, stop = app.Daemon.start, app.Daemon.stop
-
-    async def start_with_folders(self):
-        await start(self)
-        await folder_source.attach(self)
-
-    async def stop_with_folders(self):
-        if getattr(self, "folders", None) is not None:
-            await self.folders.stop()
-        await stop(self)
-
-    app.Daemon.start, app.Daemon.stop = start_with_folders, stop_with_folders
-
-from service.cli import main
-
-main()
-"""
-
-
-class FolderDaemon(DaemonProcess):
-    def start(self, *, extra_env: dict[str, str] | None = None, wait_ready: bool = True) -> FolderDaemon:
-        log = self.log_path.open("ab")
-        self._ready.clear()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", RUNNER, "run"],
-            cwd=ROOT,
-            env={**self.env, **(extra_env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        threading.Thread(target=self._pump, args=(self.proc, log), daemon=True).start()
-        if wait_ready:
-            self.wait_ready()
-        return self
 
 
 @pytest.mark.slow
@@ -350,7 +334,7 @@ async def test_sigkill_then_restart_writes_the_results_once(
     items = [{"id": f"k{i:02d}", "text": f"crash item {i}"} for i in range(30)]
     (tmp_path / "inbox" / "tags").mkdir(parents=True)
     (tmp_path / "inbox" / "tags" / "crash.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    daemon = FolderDaemon(env, tmp_path / "daemon.log")
+    daemon = DaemonProcess(env, tmp_path / "daemon.log")
     daemon.start(extra_env={"ENRICHD_FAILPOINT": failpoint, "ENRICHD_FAILPOINT_AFTER": after})
     code = await asyncio.to_thread(daemon.wait_exit, 60)
     assert code == -9, f"failpoint {failpoint} was not reached:\n{daemon.log_tail()}"
