@@ -16,7 +16,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,12 +24,13 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from handlers import HandlerSpec
 from service import failpoints, telemetry
+from service.aio import reraise_if_cancelled
 from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
-from service.core.errors import ErrorInfo, ProviderError
+from service.core.errors import ProviderError
 from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
 from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
@@ -134,7 +134,7 @@ class Batcher:
 
     async def flush_loop(self) -> None:
         while not self._closing:
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             delay = 5.0
             try:
                 now = datetime.now(UTC)
@@ -154,7 +154,7 @@ class Batcher:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _reraise_if_cancelled()
+                reraise_if_cancelled()
                 log.exception("flush round failed")
                 delay = 2.0
             self._wake.clear()
@@ -353,13 +353,13 @@ class Batcher:
 
     async def poll_loop(self) -> None:
         while not self._closing:
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _reraise_if_cancelled()
+                reraise_if_cancelled()
                 log.exception("poll round failed")
             await asyncio.sleep(self.poll_interval_s)
 
@@ -678,22 +678,7 @@ class Batcher:
         return await self.provider.cancel(batch_id)
 
 
-def _reraise_if_cancelled() -> None:
-    """A cancel can be swallowed below us (nats-py turns one inside ``publish_async`` into
-    TooManyStalledMsgsError; 3.11's ``wait_for`` may drop one): still honour it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 def record_token(record: BatchRecord) -> str:
     from service.core.routing import BufferKey
 
     return BufferKey(record.provider, record.endpoint, record.model).subject_token()
-
-
-def new_instance_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-__all__ = ["Batcher", "ErrorInfo", "Usage"]

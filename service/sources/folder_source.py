@@ -41,6 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from watchfiles import Change, awatch
 
 from service import failpoints
+from service.aio import quietly, reraise_if_cancelled
 from service.core.events import iso
 from service.core.formats import FileFormatError, ignored_name
 from service.settings import Settings
@@ -100,7 +101,7 @@ class InboxWatcher:
                     self.inbox.mkdir(parents=True, exist_ok=True)  # it may have been deleted
                     await self._watch(stop)
                 except Exception as exc:  # noqa: BLE001 - watching must go on
-                    _reraise_if_cancelled()
+                    reraise_if_cancelled()
                     log.warning("folder watcher failed; restarting it", extra={"error": display(str(exc))})
                     delay = 0.2 if time.monotonic() - started > 10 else min(delay * 2, 5.0)
                     await asyncio.sleep(delay)
@@ -247,30 +248,30 @@ class ResultCollector:
 
     async def run(self) -> None:
         while True:
-            _reraise_if_cancelled()  # a cancel swallowed by a fetch that returned messages
+            reraise_if_cancelled()  # a cancel swallowed by a fetch that returned messages
             try:
                 msgs = await self._sub.fetch(FETCH, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
-                _reraise_if_cancelled()  # 3.11's wait_for can turn a cancel into a timeout
+                reraise_if_cancelled()  # 3.11's wait_for can turn a cancel into a timeout
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-                _reraise_if_cancelled()  # nats-py reports a cancel while closing as ConnectionClosed
+                reraise_if_cancelled()  # nats-py reports a cancel while closing as ConnectionClosed
                 log.warning("results fetch failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
                 continue
             try:
                 await self._collect(msgs)
             except Exception:  # noqa: BLE001 - e.g. disk full: not acked, so redelivered
-                _reraise_if_cancelled()
+                reraise_if_cancelled()
                 log.exception("storing results failed; they will be redelivered")
                 await asyncio.sleep(RETRY_S)
                 continue
             for msg in msgs:
-                await _quietly(msg.ack())
+                await quietly(msg.ack())
 
     async def close(self) -> None:
         if self._sub is not None:
-            await _quietly(self._sub.unsubscribe())
+            await quietly(self._sub.unsubscribe())
             self._sub = None
 
     async def _collect(self, msgs: list[Any]) -> None:
@@ -364,12 +365,12 @@ class FolderSource:
 
     async def _worker(self) -> None:
         while True:
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             work = await self._queue.get()
             try:
                 await work()
             except Exception:  # noqa: BLE001 - one file must never stop the daemon
-                _reraise_if_cancelled()
+                reraise_if_cancelled()
                 log.exception("folder work failed")
 
     # -- claiming and reading ----------------------------------------------------------------
@@ -432,7 +433,7 @@ class FolderSource:
         try:
             await asyncio.to_thread(files.prepare, job.state, meta, cfg, self.cfg.max_file_bytes)
         except Exception as exc:  # noqa: BLE001 - whatever it is, this file fails, not the daemon
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             code = exc.code if isinstance(exc, FileFormatError) else "unreadable"
             if not isinstance(exc, FileFormatError | OSError):
                 log.exception("reading a file failed", extra={"file": display(meta.rel)})
@@ -482,7 +483,7 @@ class FolderSource:
                     failpoints.hit("folder_mid_publish")
             await self._publish_dlq(job)
         except Exception as exc:  # noqa: BLE001 - NATS trouble: try again later
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             self._results.forget(job)
             log.warning("publishing failed; will retry", extra={"file": display(meta.rel), "error": str(exc)})
             self._later(RETRY_S, partial(self._publish, job))
@@ -530,7 +531,7 @@ class FolderSource:
             await self._js.publish(self.subjects.event("file.done"), payload, headers=headers, timeout=10)
             await asyncio.to_thread(job.state.remove)
         except Exception:  # noqa: BLE001 - e.g. outbox not writable: keep the state, try again
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             log.exception("finishing a file failed; will retry", extra={"file": display(meta.rel)})
             job.finishing = False
             self._later(RETRY_S * 6, partial(_call, self._check_done, job))
@@ -643,17 +644,3 @@ def _now() -> datetime:
 
 async def _call(fn: Callable[[Job], None], job: Job) -> None:
     fn(job)
-
-
-async def _quietly(awaitable: Awaitable[Any]) -> None:
-    try:
-        await awaitable
-    except Exception as exc:  # noqa: BLE001 - an ack that fails is redelivered; nothing to do
-        log.debug("ack failed: %s", exc)
-
-
-def _reraise_if_cancelled() -> None:
-    """nats-py can turn a cancel inside ``publish_async`` into another error: honour it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from service.aio import quietly
 from service.core.errors import EnrichError
 from service.core.events import Outcome
 from service.core.items import salvage
@@ -160,12 +161,12 @@ class NatsSource:
             # acked, JetStream redelivers it after a short delay.
             log.exception("processing failed; message will be redelivered", extra={"seq": intake.seq})
             heartbeat.cancel()
-            await _quietly(msg.nak(delay=2.0))
+            await quietly(msg.nak(delay=2.0))
             return
         finally:
             heartbeat.cancel()
             self._slots.release()
-        await _quietly(msg.ack())
+        await quietly(msg.ack())
 
     async def _process_until_done(self, intake: Intake) -> None:
         """Process; when the pipeline says "not now" (budget spent), hold the message (the
@@ -188,7 +189,7 @@ class NatsSource:
         # Long provider calls (retries, backoff) must not let ack_wait expire.
         while True:
             await asyncio.sleep(max(0.5, self._ack_wait_s / 3))
-            await _quietly(msg.in_progress())
+            await quietly(msg.in_progress())
 
     async def on_sync(self, msg: NatsMessage) -> bytes:
         intake = Intake(
@@ -253,10 +254,3 @@ class NatsSource:
     @property
     def inflight(self) -> int:
         return len(self._tasks)
-
-
-async def _quietly(awaitable: Any) -> None:
-    try:
-        await awaitable
-    except Exception as exc:  # noqa: BLE001 - an ack that fails is redelivered; nothing to do
-        log.debug("ack/nak failed: %s", exc)
