@@ -31,8 +31,9 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## Benchmarks (so far: daemon peak RSS for a 100,000-line JSONL drop; see docs/folders.md).
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench.folder_rss --lines 100000 --max-items 10000
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -41,7 +41,12 @@ async def test_high_priority_tags_item_gets_ok_event(make_daemon, nc, prefix, em
     assert event["metadata"] == {"mailbox": "ops"} and event["source"] == "email"
     assert event["batch_id"] is None
     assert event["received_at"].endswith("Z") and event["completed_at"] >= event["received_at"]
-    info = await js.consumer_info(daemon.subjects.stream("IN"), daemon.settings.nats.consumer)
+    # the intake ack follows the result's PubAck: give it a moment to reach the server
+    for _ in range(100):
+        info = await js.consumer_info(daemon.subjects.stream("IN"), daemon.settings.nats.consumer)
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
