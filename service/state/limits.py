@@ -32,7 +32,6 @@ class SharedLimiter:
         self._limits = dict(limits)
         self._clock = clock
         self._rng = random.Random()
-        self.waited_s = 0.0
 
     @classmethod
     async def open(
@@ -70,7 +69,6 @@ class SharedLimiter:
         while True:
             wait = await self.try_acquire(model, tokens=tokens, urgent=urgent)
             if wait == 0:
-                self.waited_s += waited
                 return waited
             pause = min(wait, 5.0) + self._rng.uniform(0, 0.05)
             waited += pause
