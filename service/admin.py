@@ -100,10 +100,28 @@ async def dlq_entries(
         return out
 
 
-async def replay_dlq(settings: Settings, *, handler: str | None = None) -> tuple[int, int]:
+def replay_wanted(entry: dict[str, Any], *, codes: set[str] | None, retryable_only: bool) -> bool:
+    """Whether ``enrichd dlq replay`` with these filters takes this entry."""
+    error = entry.get("error") or {}
+    if codes is not None and error.get("code") not in codes:
+        return False
+    return not retryable_only or bool(error.get("retryable"))
+
+
+async def replay_dlq(
+    settings: Settings,
+    *,
+    handler: str | None = None,
+    codes: set[str] | None = None,
+    retryable_only: bool = False,
+) -> tuple[int, int]:
     """Send dead letters that can be replayed through intake again, and remove them from
     the DLQ. Returns (replayed, skipped): entries without a parsed item (bad JSON, not
-    UTF-8...) cannot be replayed unchanged and stay."""
+    UTF-8...) cannot be replayed unchanged and stay; so do entries the filters leave out
+    (``codes``: only these error codes; ``retryable_only``: only transient errors).
+
+    Each replay carries ``Nats-Msg-Id: dlq-replay:<DLQ seq>``, so a replay interrupted
+    between the publish and the delete and then run again does not send the item twice."""
     subjects = Subjects(settings.nats.subject_prefix)
     entries = await dlq_entries(settings, handler=handler, limit=1_000_000)
     replayed = skipped = 0
@@ -111,10 +129,16 @@ async def replay_dlq(settings: Settings, *, handler: str | None = None) -> tuple
         js = nc.jetstream()
         for entry in entries:
             item = entry.get("item")
-            if not isinstance(item, dict):
+            if not isinstance(item, dict) or not replay_wanted(
+                entry, codes=codes, retryable_only=retryable_only
+            ):
                 skipped += 1
                 continue
-            await js.publish(subjects.intake_prefix + entry["handler"], json.dumps(item).encode())
+            await js.publish(
+                subjects.intake_prefix + entry["handler"],
+                json.dumps(item).encode(),
+                headers={"Nats-Msg-Id": f"dlq-replay:{entry['_seq']}"},
+            )
             await js.delete_msg(subjects.stream("DLQ"), entry["_seq"])
             replayed += 1
     return replayed, skipped

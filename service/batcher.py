@@ -621,6 +621,7 @@ class Batcher:
         else:
             assert isinstance(action, Fail)
             entry = dlq_entry(
+                id=data["id"],
                 handler=handler,
                 item=data,
                 raw=None,
@@ -638,7 +639,13 @@ class Batcher:
             (
                 self.subjects.out(handler),
                 self.redact(dumps(event)).encode(),
-                {"Nats-Msg-Id": result_msg_id(data["id"], handler)},
+                {
+                    "Nats-Msg-Id": result_msg_id(
+                        data["id"],
+                        handler,
+                        error_intake_seq=None if event["status"] == "ok" else item.get("intake_seq"),
+                    )
+                },
             )
         )
         return out

@@ -221,13 +221,25 @@ def dlq_list(
 
 @dlq_app.command("replay")
 def dlq_replay(
-    handler: Annotated[str | None, typer.Option(help="only this handler")] = None, config: ConfigOpt = None
+    handler: Annotated[str | None, typer.Option(help="only this handler")] = None,
+    code: Annotated[list[str] | None, typer.Option(help="only this error code (repeatable)")] = None,
+    retryable_only: Annotated[
+        bool, typer.Option("--retryable-only", help="only transient errors (rate limit, 5xx, timeout...)")
+    ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Send dead letters through intake again (and remove them from the DLQ)."""
     from service.admin import replay_dlq
 
-    replayed, skipped = _admin(replay_dlq(_settings(config), handler=handler))
-    typer.echo(f"replayed {replayed} item(s); {skipped} could not be replayed (no parsable item)")
+    replayed, skipped = _admin(
+        replay_dlq(
+            _settings(config),
+            handler=handler,
+            codes=set(code) if code else None,
+            retryable_only=retryable_only,
+        )
+    )
+    typer.echo(f"replayed {replayed} item(s); {skipped} left in the DLQ (no parsable item, or filtered out)")
 
 
 def _console() -> Any:

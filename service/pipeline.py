@@ -19,7 +19,7 @@ from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOutputError, ProviderError
-from service.core.events import Outcome, dlq_entry, iso, result_event
+from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
 from service.core.items import Item, decode_object, item_from_object, salvage
 from service.core.routing import BatchRoute, BufferKey, RoutingRules, route
 from service.core.tokens import estimate_request_tokens
@@ -350,6 +350,7 @@ class Pipeline:
             self.counters.error += 1
             self.counters.by_code[outcome.error.code] = self.counters.by_code.get(outcome.error.code, 0) + 1
             entry = dlq_entry(
+                id=outcome.id,
                 handler=intake.handler,
                 item=item.to_dict() if item is not None else None,
                 raw=intake.raw if item is None else None,
@@ -370,7 +371,10 @@ class Pipeline:
                 },
             )
         if intake.seq is not None:
-            await self.sink.result(event)
+            error_seq = None if outcome.ok else intake.seq
+            await self.sink.result(
+                event, msg_id=result_msg_id(outcome.id, intake.handler, error_intake_seq=error_seq)
+            )
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         return event
 

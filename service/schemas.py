@@ -140,9 +140,8 @@ class ResultEvent(BaseModel):
 class DlqEntry(BaseModel):
     """An item that failed for good, with enough to replay it (`enrichd dlq replay`)."""
 
-    id: str | None = Field(
-        default=None,
-        description="The id of the item's error result event (salvaged or made up for an unparsable item).",
+    id: str = Field(
+        description="The id of the item's error result event (salvaged or made up for an unparsable item)."
     )
     handler: str
     item: dict[str, Any] | None = Field(

@@ -65,6 +65,7 @@ def result_event(outcome: Outcome) -> dict[str, Any]:
 
 def dlq_entry(
     *,
+    id: str,
     handler: str,
     item: dict[str, Any] | None,
     raw: bytes | None,
@@ -75,8 +76,11 @@ def dlq_entry(
     last_provider_message: str | None = None,
 ) -> dict[str, Any]:
     """The DLQ record: the original item (or its raw text when it could not be parsed),
-    the final error and the attempts, enough for ``enrichd dlq replay``."""
+    the final error and the attempts, enough for ``enrichd dlq replay``. ``id`` is the
+    result event's id, also when the item could not be parsed (then it is salvaged or
+    made up, as in the event)."""
     entry: dict[str, Any] = {
+        "id": id,
         "handler": handler,
         "item": item,
         "error": error.to_dict(),
@@ -90,6 +94,12 @@ def dlq_entry(
     return entry
 
 
-def result_msg_id(item_id: str, handler: str) -> str:
-    """``Nats-Msg-Id`` of a result event (CONTRACT §1)."""
-    return f"{item_id}:{handler}"
+def result_msg_id(item_id: str, handler: str, *, error_intake_seq: int | None = None) -> str:
+    """``Nats-Msg-Id`` of a result event: ``<id>:<handler>`` (CONTRACT §1) for an ``ok``
+    event. An ``error`` event adds ``:error:<intake seq>``: the same id may be sent again
+    (``enrichd dlq replay``, or the producer retrying), and its later ``ok`` event must
+    not be dropped by JetStream's duplicate window as a copy of the earlier error.
+    Redeliveries of one intake message still share one id."""
+    if error_intake_seq is None:
+        return f"{item_id}:{handler}"
+    return f"{item_id}:{handler}:error:{error_intake_seq}"

@@ -7,6 +7,7 @@ answer (and the errors) the same body would get synchronously.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,12 @@ class AnswerContext:
     max_output_tokens: int = 16_384
     organization: str = "org-emulator"
     fingerprint: str = "fp_emulator0"
+    # ``flaky(text, n)``: True while fewer than ``n`` earlier requests carried ``text``
+    # (the ``[[emulator:flaky=N]]`` marker); counts live in the emulator's state.
+    flaky: Callable[[str, int], bool] | None = None
+
+    def fails_flaky(self, text: str, flaky: int | None) -> bool:
+        return flaky is not None and self.flaky is not None and self.flaky(text, flaky)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,8 @@ def answer_chat(request: ChatRequest, ctx: AnswerContext) -> Answer:
     markers = parse_markers(request.user_text)
     if markers.status is not None:
         raise errors.error_for_status(markers.status, model=request.model, org=ctx.organization)
+    if ctx.fails_flaky(request.user_text, markers.flaky):
+        raise errors.error_for_status(500, model=request.model, org=ctx.organization)
     if markers.context_length or request.prompt_tokens > ctx.context_window:
         tokens = max(request.prompt_tokens, ctx.context_window + 1)
         raise errors.context_length_exceeded(ctx.context_window, tokens)

@@ -131,6 +131,8 @@ def answer_embeddings(request: EmbeddingRequest, ctx: AnswerContext) -> Answer:
     markers = parse_markers("\n".join(request.texts))
     if markers.status is not None:
         raise errors.error_for_status(markers.status, model=request.model, org=ctx.organization)
+    if ctx.fails_flaky("\n".join(request.texts), markers.flaky):
+        raise errors.error_for_status(500, model=request.model, org=ctx.organization)
     longest = max(request.token_counts)
     if markers.context_length or longest > MAX_INPUT_TOKENS:
         tokens = max(longest, MAX_INPUT_TOKENS + 1)

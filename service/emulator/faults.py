@@ -7,6 +7,8 @@ Markers are written into the last user message (or an embeddings input) by tests
 - ``[[emulator:refusal]]``      ``message.refusal`` set, ``content`` null
 - ``[[emulator:context_length]]`` 400 ``context_length_exceeded``
 - ``[[emulator:line_error=CODE]]`` (batches) a non-HTTP error line with ``error.code`` CODE
+- ``[[emulator:flaky=N]]``      the first N requests (sync or batch lines) with this exact
+  text get HTTP 500, later ones succeed: an item that keeps hitting transient errors
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Markers:
     refusal: bool = False
     context_length: bool = False
     line_error: str | None = None
+    flaky: int | None = None
 
     @property
     def any(self) -> bool:
@@ -43,11 +46,14 @@ def parse_markers(text: str) -> Markers:
     status: int | None = None
     flags: set[str] = set()
     line_error: str | None = None
+    flaky: int | None = None
     for name, value in MARKER_RE.findall(text):
         if name == "status" and value.isdigit() and 400 <= int(value) <= 599:
             status = int(value)
         elif name == "line_error" and value:
             line_error = value
+        elif name == "flaky" and value.isdigit():
+            flaky = int(value)
         elif name in ("invalid_json", "refusal", "context_length"):
             flags.add(name)
     return Markers(
@@ -56,6 +62,7 @@ def parse_markers(text: str) -> Markers:
         refusal="refusal" in flags,
         context_length="context_length" in flags,
         line_error=line_error,
+        flaky=flaky,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +34,8 @@ class EmulatorState:
         self.fingerprint = "fp_" + digest("fingerprint", str(config.seed)).hex()[:10]
         self._faults = config.faults
         self._script: deque[int] = deque()
+        self._flaky_seen: dict[str, int] = {}
+        self._flaky_lock = threading.Lock()
         self._next_batch: deque[BatchFault] = deque()
         self._rng = random.Random(config.seed)
         self.set_faults(config.faults)
@@ -81,7 +84,16 @@ class EmulatorState:
             max_output_tokens=self.config.max_output_tokens,
             organization=self.config.organization,
             fingerprint=self.fingerprint,
+            flaky=self._flaky,
         )
+
+    def _flaky(self, text: str, failures: int) -> bool:
+        # Called from the event loop and from batch worker threads.
+        key = digest("flaky", text).hex()
+        with self._flaky_lock:
+            seen = self._flaky_seen.get(key, 0)
+            self._flaky_seen[key] = seen + 1
+        return seen < failures
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake up at once when the emulator is stopping."""

@@ -214,6 +214,7 @@ def _bad(
     )
     item = {k: v for k, v in entry.items() if isinstance(k, str)} if entry is not None else None
     dlq = dlq_entry(
+        id=item_id,
         handler=meta.handler,
         item=item,
         raw=None if item is not None else raw,

@@ -233,6 +233,17 @@ async def test_markers(client: AsyncOpenAI) -> None:
         json.loads(broken.choices[0].message.content or "")
 
 
+async def test_flaky_marker_fails_n_times_then_succeeds(client: AsyncOpenAI) -> None:
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model="gpt-4o-mini", messages=user("y [[emulator:flaky=2]]"))
+    # another text has its own count; the third request with the first text succeeds
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=user("z [[emulator:flaky=1]]"))
+    ok = await client.chat.completions.create(model="gpt-4o-mini", messages=user("y [[emulator:flaky=2]]"))
+    assert ok.choices[0].message.content
+
+
 async def test_bad_requests_and_unknown_models(client: AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as missing:
         await client.chat.completions.create(model="gpt-4o-mini", messages=[])
