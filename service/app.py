@@ -14,7 +14,9 @@ from typing import Any
 from faststream.nats import NatsBroker
 
 from service import telemetry
+from service.alerts import Alerter
 from service.batcher import Batcher
+from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps
 from service.core.events import iso
@@ -61,6 +63,7 @@ class Daemon:
         self.folders: Any = None
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
+        self.alerts: Alerter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.notifier = Notifier()
         self.ready = asyncio.Event()
@@ -153,6 +156,13 @@ class Daemon:
         )
         self.pipeline.on_buffered = self.batcher.wake
         self.pipeline.metrics = self.batcher.metrics = self.metrics
+        a = s.alerts
+        self.alerts = Alerter(
+            AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
+            self.pipeline.sink,  # type: ignore[arg-type]
+            instance=s.instance,
+        )
+        self.pipeline.alerts = self.batcher.alerts = self.alerts
         self._register_gauges()
         if s.budget.daily_usd is not None or s.budget.handlers:
             ledger = await Ledger.open(
@@ -199,6 +209,7 @@ class Daemon:
             asyncio.create_task(self.batcher.flush_loop(), name="flush"),
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),
             asyncio.create_task(self.notifier.watchdog(self.is_ready), name="watchdog"),
+            asyncio.create_task(self._batch_age_loop(), name="batch-ages"),
         ]
         self.ready.set()
         self.notifier.ready(f"consuming {self.subjects.intake_filter}")
@@ -270,6 +281,19 @@ class Daemon:
             "enrichd.items.in_flight", "Intake items being processed by this replica", inflight
         )
 
+    async def _batch_age_loop(self) -> None:
+        """Every ``alerts.check_interval_s``: alert on batches in flight beyond their SLA."""
+        assert self.batcher is not None and self.alerts is not None
+        while not self._stop.is_set():
+            try:
+                records = await self.batcher.store.all()
+                self.alerts.batch_ages(
+                    (r.batch_id, r.created_at) for r in records if r.batch_id and r.state == "submitted"
+                )
+            except Exception:  # noqa: BLE001 - NATS trouble: try again next round
+                log.debug("batch age check failed", exc_info=True)
+            await asyncio.sleep(self.settings.alerts.check_interval_s)
+
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""
         assert self.pipeline is not None
@@ -283,8 +307,14 @@ class Daemon:
         log.warning("budget exceeded: new work waits for the next budget day", extra=body)
         sink = self.pipeline.sink
         await sink.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")  # type: ignore[attr-defined]
+        alert = {
+            "kind": "budget_exceeded",
+            "key": scope,
+            "message": f"daily budget {scope} spent: ${spent_usd:.4f} of ${cap_usd:.4f} on {day}",
+            "instance": self.settings.instance,
+        }
         await sink.lifecycle(  # type: ignore[attr-defined]
-            "alert", {"kind": "budget_exceeded", **body}, msg_id=f"{day}:{scope}:budget-alert"
+            "alert", {**alert, **body}, msg_id=f"{day}:{scope}:budget-alert"
         )
 
     async def _on_cancel(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from handlers import HandlerSpec
 from service import failpoints, telemetry
 from service.aio import reraise_if_cancelled
+from service.alerts import Alerter
 from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
@@ -98,6 +99,7 @@ class Batcher:
         self.budget_recheck_s = 60.0
         self._blocked_until: dict[str, float] = {}
         self.metrics: Metrics = telemetry.build(False)[0]
+        self.alerts: Alerter | None = None
         self.last_buffers: dict[str, BufferState] = {}
         self.batches_by_status: dict[str, int] = {}
 
@@ -614,6 +616,8 @@ class Batcher:
         )
         event = result_event(outcome)
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
+        if self.alerts is not None:
+            self.alerts.outcome(ok=outcome.ok)
         out: list[Message] = []
         if isinstance(action, Ok):
             subject, payload = self.results.put_message(event, intake_seq=item.get("intake_seq"))

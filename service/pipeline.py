@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from handlers import HandlerSpec
 from service import failpoints, telemetry
+from service.alerts import Alerter
 from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
@@ -131,6 +132,7 @@ class Pipeline:
         self.limiter: Limiter | None = None
         self.ledger: Ledger | None = None
         self.metrics: Metrics = telemetry.build(False)[0]
+        self.alerts: Alerter | None = None
         self.budget_recheck_s = 60.0
 
     # -- entry points -------------------------------------------------------------------
@@ -209,6 +211,8 @@ class Pipeline:
         last_message: str | None = None
         while True:
             calls += 1
+            if self.alerts is not None:
+                self.alerts.call(retry=calls > 1)
             try:
                 response = await self._call(spec, item, body)
                 spent = Usage(
@@ -376,6 +380,8 @@ class Pipeline:
                 event, msg_id=result_msg_id(outcome.id, intake.handler, error_intake_seq=error_seq)
             )
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
+        if self.alerts is not None:
+            self.alerts.outcome(ok=outcome.ok)
         return event
 
     async def _finish_bad(self, intake: Intake, exc: EnrichError) -> dict[str, Any]:

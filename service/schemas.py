@@ -206,12 +206,18 @@ class BudgetExceededEvent(BaseModel):
 
 
 class AlertEvent(BaseModel):
-    """Something an operator should look at. `kind` says what; the other keys depend on it
-    (for `budget_exceeded`: those of the budget.exceeded event)."""
+    """Something an operator should look at, at most once per `alerts.cooldown_s` for each
+    kind and key. `kind` says what; the other keys are the figures behind it:
+    `failure_rate` (rate, errors, results, window_s), `retry_budget` (retries, calls, ratio,
+    budget, window_s), `batch_sla` (batch_id, age_s, sla_s), `budget_exceeded` (those of
+    the budget.exceeded event)."""
 
     model_config = ConfigDict(extra="allow")
 
-    kind: str = Field(examples=["budget_exceeded"])
+    kind: str = Field(examples=["failure_rate", "retry_budget", "batch_sla", "budget_exceeded"])
+    key: str = Field(description="What the alert is about: `all`, a batch id, or a budget scope.")
+    message: str = Field(description="One line for a human.")
+    instance: str = Field(description="The replica that raised it.")
     at: datetime
 
 

@@ -158,6 +158,16 @@ class BudgetSettings(_Section):
     recheck_s: float = Field(60.0, gt=0)
 
 
+class AlertSettings(_Section):
+    failure_rate: float = Field(0.05, gt=0, le=1)
+    retry_budget: float = Field(0.2, gt=0)
+    window_s: float = Field(300.0, gt=0)
+    min_items: int = Field(20, ge=1)
+    batch_sla_s: float = Field(24 * 3600.0, gt=0)
+    cooldown_s: float = Field(900.0, ge=0)
+    check_interval_s: float = Field(60.0, gt=0)
+
+
 class EmulatorSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
@@ -197,6 +207,7 @@ class Settings(BaseSettings):
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
     budget: BudgetSettings = BudgetSettings()
+    alerts: AlertSettings = AlertSettings()
     rate_limit_urgent_reserve: float = Field(0.1, ge=0, lt=1)
     _registry: dict[str, HandlerSpec] = PrivateAttr(default_factory=dict)
 

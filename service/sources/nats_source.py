@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from service.aio import quietly
 from service.core.errors import EnrichError
-from service.core.events import Outcome
+from service.core.events import Outcome, result_event
 from service.core.items import salvage
 from service.pipeline import DeferError, Intake, Pipeline
 from service.sinks.events import Redactor, dumps
@@ -202,7 +202,20 @@ class NatsSource:
             event = await self._pipeline.process(intake, force_sync=True)
         except Exception as exc:  # noqa: BLE001 - the requester must always get an answer
             log.exception("sync request failed")
-            event = {"status": "error", "error": {"code": "internal", "message": str(exc), "retryable": True}}
+            item_id, metadata, source = salvage(intake.raw)
+            event = result_event(
+                Outcome(
+                    id=item_id,
+                    handler=intake.handler,
+                    route="sync",
+                    model=None,
+                    received_at=intake.received_at,
+                    completed_at=datetime.now(UTC),
+                    error=EnrichError("internal", str(exc), retryable=True).info(),
+                    metadata=metadata,
+                    source=source,
+                )
+            )
         return self._redact(dumps(event)).encode()
 
     async def on_max_deliveries(self, advisory: dict[str, Any]) -> None:

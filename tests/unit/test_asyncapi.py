@@ -233,7 +233,9 @@ async def test_budget_events_match_schema(doc: dict[str, Any]) -> None:
         async def lifecycle(self, topic: str, payload: dict[str, Any], *, msg_id: str | None = None) -> None:
             published[topic] = payload
 
-    fake = SimpleNamespace(pipeline=SimpleNamespace(sink=Sink()), clock=lambda: T1)
+    fake = SimpleNamespace(
+        pipeline=SimpleNamespace(sink=Sink()), clock=lambda: T1, settings=SimpleNamespace(instance="host-1")
+    )
     await Daemon._budget_exceeded(fake, "20261122", "all", 5.0, 5.0000001)  # type: ignore[arg-type]
     assert set(published) == {"budget.exceeded", "alert"}
     assert_valid(doc, "BudgetExceededEvent", published["budget.exceeded"])
