@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
-from service import telemetry
+from service import telemetry, tracing
 from service.alerts import Alerter
 from service.batcher import Batcher
 from service.core.alerts import AlertRules
@@ -46,8 +47,10 @@ log = logging.getLogger("enrichd")
 class Daemon:
     """One enrichd process. ``await start()``, then ``await stop()`` (or :meth:`run`)."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, span_exporter: Any = None) -> None:
         self.settings = settings
+        # Traces: on with OTEL_EXPORTER_OTLP_* or an exporter passed in (service/tracing.py).
+        self.tracer, self._tracer_provider = tracing.build(exporter=span_exporter)
         self.clock: Clock = clock or utcnow
         self.subjects = Subjects(settings.nats.subject_prefix)
         self.redact = Redactor(settings.secrets())
@@ -91,6 +94,11 @@ class Daemon:
             drain_timeout=5,
             logger=logging.getLogger("faststream"),
             name="enrichd",
+            middlewares=(
+                [NatsTelemetryMiddleware(tracer_provider=self._tracer_provider)]
+                if self._tracer_provider is not None
+                else []
+            ),
         )
         self._broker = broker
         await broker.connect()
@@ -163,6 +171,7 @@ class Daemon:
             instance=s.instance,
         )
         self.pipeline.alerts = self.batcher.alerts = self.alerts
+        self.pipeline.tracer = self.batcher.tracer = self.tracer
         self._register_gauges()
         if s.budget.daily_usd is not None or s.budget.handlers:
             ledger = await Ledger.open(
@@ -364,6 +373,8 @@ class Daemon:
             await _stage("health endpoint stopped", self._health.stop(), 5)
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
 
     async def stop(self) -> None:
         """Shut down in stages, each logged and bounded: stop intake, let in-flight items

@@ -21,9 +21,11 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from handlers import HandlerSpec
-from service import failpoints, telemetry
+from service import failpoints, telemetry, tracing
 from service.aio import reraise_if_cancelled
 from service.alerts import Alerter
 from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
@@ -100,6 +102,7 @@ class Batcher:
         self._blocked_until: dict[str, float] = {}
         self.metrics: Metrics = telemetry.build(False)[0]
         self.alerts: Alerter | None = None
+        self.tracer: trace.Tracer = trace.NoOpTracer()
         self.last_buffers: dict[str, BufferState] = {}
         self.batches_by_status: dict[str, int] = {}
 
@@ -203,6 +206,15 @@ class Batcher:
 
     async def flush(self, subject: str) -> BatchRecord | None:
         """Move up to one batch worth of buffered items into a durable flush record."""
+        with self.tracer.start_as_current_span("enrich.batch.flush", attributes={"enrichd.buffer": subject}):
+            record = await self._flush(subject)
+            if record is not None:
+                trace.get_current_span().set_attributes(
+                    {"enrichd.flush_id": record.flush_id, "enrichd.items": record.count}
+                )
+            return record
+
+    async def _flush(self, subject: str) -> BatchRecord | None:
         msgs = await self._fetch(subject, self.policy.max_items)
         if not msgs:
             return None
@@ -415,6 +427,15 @@ class Batcher:
     async def _submit(self, record: BatchRecord) -> None:
         if record.not_before > time.time():
             return
+        with self.tracer.start_as_current_span(
+            "enrich.batch.submit",
+            attributes={"enrichd.flush_id": record.flush_id, "enrichd.items": record.count},
+        ):
+            await self._submit_now(record)
+            if record.batch_id:
+                trace.get_current_span().set_attribute("enrichd.batch_id", record.batch_id)
+
+    async def _submit_now(self, record: BatchRecord) -> None:
         if self.max_enqueued_tokens:
             queued = await self.enqueued_tokens(record.model, excluding=record.flush_id)
             if queued and queued + record.tokens > self.max_enqueued_tokens:
@@ -639,19 +660,20 @@ class Batcher:
             out.append(
                 (self.subjects.dlq(handler), self.redact(dumps(entry)).encode(), {"Nats-Msg-Id": msg_id})
             )
-        out.append(
-            (
-                self.subjects.out(handler),
-                self.redact(dumps(event)).encode(),
-                {
-                    "Nats-Msg-Id": result_msg_id(
-                        data["id"],
-                        handler,
-                        error_intake_seq=None if event["status"] == "ok" else item.get("intake_seq"),
-                    )
-                },
-            )
+        msg_id = result_msg_id(
+            data["id"], handler, error_intake_seq=None if event["status"] == "ok" else item.get("intake_seq")
         )
+        # The far side of the batch hop: continue the item's trace from its intake span.
+        with self.tracer.start_as_current_span(
+            "enrich.batch.result",
+            context=tracing.from_traceparent(item.get("traceparent")),
+            kind=SpanKind.PRODUCER,
+            attributes=tracing.item_attributes(
+                data["id"], handler, batch_id=record.batch_id, status=event["status"], route="batch"
+            ),
+        ):
+            headers = tracing.inject({"Nats-Msg-Id": msg_id})
+        out.append((self.subjects.out(handler), self.redact(dumps(event)).encode(), headers))
         return out
 
     async def _send(self, messages: list[Message]) -> None:

@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
+
 from service.sinks.events import Redactor
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -28,6 +30,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # ties the line to its trace when tracing is on
+            out["trace_id"] = format(span.trace_id, "032x")
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return self._redact(json.dumps(out, default=str, ensure_ascii=False))

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
 from handlers import HandlerSpec
-from service import failpoints, telemetry
+from service import failpoints, telemetry, tracing
 from service.alerts import Alerter
 from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
@@ -133,6 +136,7 @@ class Pipeline:
         self.ledger: Ledger | None = None
         self.metrics: Metrics = telemetry.build(False)[0]
         self.alerts: Alerter | None = None
+        self.tracer: trace.Tracer = trace.NoOpTracer()
         self.budget_recheck_s = 60.0
 
     # -- entry points -------------------------------------------------------------------
@@ -152,6 +156,10 @@ class Pipeline:
             return await self._answer_from_store(intake, item, stored)
         decision = route(
             item, endpoint=spec.endpoint, model=spec.model, rules=self.config.rules, now=self.clock()
+        )
+        batched = isinstance(decision, BatchRoute) and not force_sync
+        trace.get_current_span().set_attributes(
+            tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
         )
         if isinstance(decision, BatchRoute) and not force_sync:
             await self._buffer(intake, item, spec, body, decision)
@@ -214,7 +222,14 @@ class Pipeline:
             if self.alerts is not None:
                 self.alerts.call(retry=calls > 1)
             try:
-                response = await self._call(spec, item, body)
+                with self.tracer.start_as_current_span(
+                    "enrich.provider.call",
+                    kind=SpanKind.CLIENT,
+                    attributes=tracing.item_attributes(
+                        item.id, item.handler, model=spec.model, attempt=calls
+                    ),
+                ):
+                    response = await self._call(spec, item, body)
                 spent = Usage(
                     spent.input_tokens + response.usage.input_tokens,
                     spent.output_tokens + response.usage.output_tokens,
@@ -382,6 +397,20 @@ class Pipeline:
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
+        if outcome.ok and log.isEnabledFor(logging.DEBUG):
+            usage = outcome.usage
+            log.debug(
+                "item done",
+                extra={
+                    "item_id": outcome.id,
+                    "handler": outcome.handler,
+                    "route": outcome.route,
+                    "attempts": outcome.attempts,
+                    "input_tokens": usage.input_tokens if usage else None,
+                    "output_tokens": usage.output_tokens if usage else None,
+                    "cost_usd": outcome.cost_usd,
+                },
+            )
         return event
 
     async def _finish_bad(self, intake: Intake, exc: EnrichError) -> dict[str, Any]:
@@ -445,9 +474,15 @@ class Pipeline:
             "received_at": result_event_time(intake.received_at),
             "intake_seq": intake.seq,
         }
-        await self.sink.buffer(
-            decision.key.subject_token(), record, msg_id=f"{item.handler}:{item.id}:{intake.seq}"
-        )
+        attributes = tracing.item_attributes(item.id, item.handler, model=spec.model)
+        with self.tracer.start_as_current_span("enrich.buffer", attributes=attributes):
+            # The batch hop: the result span will continue this trace (see service/tracing.py).
+            traceparent = tracing.current_traceparent()
+            if traceparent:
+                record["traceparent"] = traceparent
+            await self.sink.buffer(
+                decision.key.subject_token(), record, msg_id=f"{item.handler}:{item.id}:{intake.seq}"
+            )
         self.counters.buffered += 1
         failpoints.hit("after_buffer")  # buffered, intake not yet acked
         if self.on_buffered is not None:

@@ -110,8 +110,9 @@ async def make_daemon(nats_url: str, emulator: Any, tmp_path: Path, prefix: str)
     async def make(**overrides: Any) -> Daemon:
         api_key = overrides.pop("api_key", TEST_KEY)
         clock = overrides.pop("clock", None)
+        span_exporter = overrides.pop("span_exporter", None)
         settings = settings_for(tmp_path, nats_url, prefix, emulator.base_url, api_key, **overrides)
-        daemon = Daemon(settings, clock=clock)
+        daemon = Daemon(settings, clock=clock, span_exporter=span_exporter)
         await daemon.start()
         daemons.append(daemon)
         return daemon

@@ -10,6 +10,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
+from service import tracing
 from service.core.events import result_msg_id
 from service.subjects import Subjects
 
@@ -45,7 +46,7 @@ class EventSink:
 
     async def result(self, event: dict[str, Any], *, msg_id: str | None = None) -> None:
         """Publish a result event on ``enrich.out.<handler>`` and wait for the PubAck."""
-        headers = {"Nats-Msg-Id": msg_id or result_msg_id(event["id"], event["handler"])}
+        headers = tracing.inject({"Nats-Msg-Id": msg_id or result_msg_id(event["id"], event["handler"])})
         await self._js.publish(
             self._subjects.out(event["handler"]),
             self._payload(event),

@@ -20,7 +20,9 @@ from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry.trace import SpanKind
 
+from service import tracing
 from service.aio import quietly
 from service.core.errors import EnrichError
 from service.core.events import Outcome, result_event
@@ -155,7 +157,17 @@ class NatsSource:
     async def _run(self, msg: Msg, intake: Intake) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
-            await self._process_until_done(intake)
+            with self._pipeline.tracer.start_as_current_span(
+                "enrich.intake",
+                context=tracing.extract(msg.headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": msg.subject,
+                    "enrichd.intake_seq": intake.seq or 0,
+                },
+            ):
+                await self._process_until_done(intake)
         except Exception:
             # Infrastructure failure (e.g. NATS publish timed out): the message is not
             # acked, JetStream redelivers it after a short delay.
