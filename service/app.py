@@ -38,6 +38,7 @@ from service.state.batches import BatchStore
 from service.state.budget import Ledger
 from service.state.limits import SharedLimiter
 from service.state.results import ResultStore
+from service.state.stats import DailyStats
 from service.state.streams import ensure_streams, open_kv
 from service.subjects import Subjects
 
@@ -67,6 +68,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
         self.alerts: Alerter | None = None
+        self.stats: DailyStats | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.notifier = Notifier()
         self.ready = asyncio.Event()
@@ -172,6 +174,10 @@ class Daemon:
         )
         self.pipeline.alerts = self.batcher.alerts = self.alerts
         self.pipeline.tracer = self.batcher.tracer = self.tracer
+        self.stats = await DailyStats.open(
+            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
+        )
+        self.metrics.listeners.append(self.stats.record)
         self._register_gauges()
         if s.budget.daily_usd is not None or s.budget.handlers:
             ledger = await Ledger.open(
@@ -219,6 +225,7 @@ class Daemon:
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),
             asyncio.create_task(self.notifier.watchdog(self.is_ready), name="watchdog"),
             asyncio.create_task(self._batch_age_loop(), name="batch-ages"),
+            asyncio.create_task(self.stats.loop(), name="stats"),
         ]
         self.ready.set()
         self.notifier.ready(f"consuming {self.subjects.intake_filter}")
@@ -404,6 +411,10 @@ class Daemon:
         self._tasks = []
         if self.batcher is not None:
             await _stage("buffer subscriptions closed", self.batcher.close(), 5)
+        if self.stats is not None:
+            await _stage("today's tallies saved", self.stats.save(), 5)
+        if self.alerts is not None:
+            await _stage("alerts sent", self.alerts.drain(), 5)
         if self._broker is not None:
             await _stage("nats connection drained", self._broker.stop(), 10)
             self._broker = None

@@ -15,6 +15,8 @@ from rich.table import Table
 from service.admin import connect
 from service.settings import Settings
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore
+from service.state.files import progress as folder_progress
+from service.state.stats import per_hour, read_days
 from service.subjects import Subjects
 
 
@@ -75,7 +77,23 @@ async def collect(settings: Settings) -> dict[str, Any]:
         finished = [r for r in records if r.state == "published" and r.status_changed_at >= day]
         dlq = await js.stream_info(subjects.stream("DLQ"))
         out_stream = await js.stream_info(subjects.stream("OUT"))
+        today, yesterday = await read_days(js, subjects.stream_suffix, datetime.now(UTC))
+        spent = sum(today["cost_usd"].values())
         return {
+            "today": {
+                "cost_usd": {k: round(v, 6) for k, v in today["cost_usd"].items()},
+                "results": today["results"],
+                "items_per_hour": round(per_hour(today, yesterday, datetime.now(UTC)), 1),
+            },
+            "budget": {
+                "daily_usd": settings.budget.daily_usd,
+                "spent_usd": round(spent, 6),
+                "left_usd": None
+                if settings.budget.daily_usd is None
+                else round(settings.budget.daily_usd - spent, 6),
+                "handlers": settings.budget.handlers,
+            },
+            "files": folder_progress(settings.state_dir.resolve() / "folders"),
             "intake": waiting,
             "buffers": await _buffers(js, subjects),
             "batches_in_flight": active,
@@ -102,6 +120,22 @@ def render(status: dict[str, Any]) -> Group:
         "items ok / error / retried",
         f"{day['ok']} / {day['error']} / {day['retried']}",
     )
+    today = status["today"]
+    cost = today["cost_usd"]
+    budget = status["budget"]
+    cap = "no cap" if budget["daily_usd"] is None else f"of ${budget['daily_usd']:,.2f} budget"
+    summary.add_row(
+        "cost today",
+        f"${budget['spent_usd']:,.4f} {cap}",
+        "sync / batch",
+        f"${cost.get('sync', 0.0):,.4f} / ${cost.get('batch', 0.0):,.4f}",
+    )
+    summary.add_row(
+        "results today",
+        f"{today['results'].get('ok', 0)} ok / {today['results'].get('error', 0)} error",
+        "items per hour",
+        f"{today['items_per_hour']:,.0f}",
+    )
     buffers = Table(title="buffers")
     for column in ("buffer", "items", "oldest"):
         buffers.add_column(column, no_wrap=True)
@@ -121,4 +155,18 @@ def render(status: dict[str, Any]) -> Group:
             "-" if b["eta_s"] is None else f"{b['eta_s']:.0f}s",
             f"{b['age_s']:.0f}s",
         )
-    return Group(summary, buffers, batches)
+    parts: list[Any] = [summary, buffers, batches]
+    if status["files"]:
+        files = Table(title="watched-folder files")
+        for column in ("file", "handler", "state", "progress", "done"):
+            files.add_column(column, no_wrap=True)
+        for f in status["files"]:
+            files.add_row(
+                f["file"],
+                f["handler"],
+                f["state"],
+                ProgressBar(total=max(1, f["total"]), completed=f["done"], width=24),
+                f"{f['done']}/{f['total']}",
+            )
+        parts.append(files)
+    return Group(*parts)

@@ -38,6 +38,8 @@ class Metrics:
             "enrichd.ratelimit.wait", unit="s", description="Time spent waiting for the shared rate limit"
         )
         self._gauges: dict[str, Callable[[], Iterable[tuple[float, dict[str, str]]]]] = {}
+        # Called with every result event (e.g. today's tallies for `enrichd status`).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._meter = meter
 
     def gauge(
@@ -58,6 +60,8 @@ class Metrics:
             "cached": str(bool(event.get("cached"))).lower(),
         }
         self.completed.add(1, attrs)
+        for listener in self.listeners:
+            listener(event)
         if event["status"] == "error" and event.get("error"):
             self.dead_letters.add(1, {"handler": event["handler"], "code": event["error"]["code"]})
         usage = event.get("usage") or {}

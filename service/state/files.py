@@ -311,3 +311,29 @@ def write_error(
     body.update(code=code, message=display(message), at=iso(at))
     atomic_write(path, json.dumps(body, ensure_ascii=False, indent=2).encode() + b"\n")
     return path
+
+
+def progress(root: Path) -> list[dict[str, Any]]:
+    """Every file still in the daemon's hands, from its durable state under ``root``
+    (``state_dir/folders``): name, handler, state, total records and results in. Read
+    without a daemon, so ``enrichd status`` on the same host shows it."""
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in sorted(root.iterdir()):
+        state = FileState(root, entry.name)
+        meta = state.load()
+        if meta is None:
+            continue
+        done = len(state.spooled()) if meta.state == ACCEPTED else 0
+        out.append(
+            {
+                "file": display(meta.rel),
+                "handler": meta.handler,
+                "state": meta.state,
+                "total": meta.records,
+                "done": min(done, meta.records),
+                "received_at": meta.received_at,
+            }
+        )
+    return out

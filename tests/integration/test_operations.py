@@ -291,6 +291,25 @@ async def test_status_shows_buffers_batches_and_dlq(
     assert flying[0]["total"] == 10 and 0 < flying[0]["progress"] <= 1
     text = (await enrichd("status", env=env)).stdout
     assert "batches in flight" in text and flying[0]["batch_id"] in text and "buffers" in text
+    # today's tallies (saved every few seconds) and the per-file progress, read from the
+    # daemon's state dir on the same host
+    (tmp_path / "inbox" / "tags").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "inbox" / "tags" / "notes.jsonl").write_text(
+        "".join(json.dumps({"id": f"f{i}", "text": f"file line {i}"}) + "\n" for i in range(4))
+    )
+    env["ENRICHD_STATE_DIR"] = str(tmp_path / "state")
+    deadline = loop.time() + 20
+    while True:
+        data = json.loads((await enrichd("status", "--json", env=env)).stdout)
+        files = data["files"]
+        if data["today"]["results"]["error"] >= 1 and files and files[0]["state"] == "accepted":
+            break
+        assert loop.time() < deadline, data
+        await asyncio.sleep(0.3)
+    assert files[0]["file"] == "tags/notes.jsonl" and files[0]["total"] == 4 and files[0]["done"] == 0
+    assert data["today"]["items_per_hour"] >= 1 and data["budget"]["daily_usd"] is None
+    text = (await enrichd("status", env=env)).stdout
+    assert "watched-folder files" in text and "tags/notes.jsonl" in text and "cost today" in text
 
 
 async def test_metrics_health_and_readiness(make_daemon, nc, prefix, emulator) -> None:
