@@ -1,5 +1,10 @@
 """Rate limits shared by every replica: one token bucket per model in JetStream KV,
-updated with compare-and-set (service/core/ratelimit.py has the arithmetic)."""
+updated with compare-and-set (service/core/ratelimit.py has the arithmetic).
+
+Within one replica, callers waiting for the same model queue on a local lock (one for
+urgent, one for other work), so only one of them at a time polls the shared bucket: a
+replica holds hundreds of items in flight, and all of them polling KV every refill
+interval would cost more than the calls themselves."""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class SharedLimiter:
         self._limits = dict(limits)
         self._clock = clock
         self._rng = random.Random()
+        self._queues: dict[tuple[str, bool], asyncio.Lock] = {}
 
     @classmethod
     async def open(
@@ -64,15 +70,21 @@ class SharedLimiter:
 
     async def acquire(self, model: str, *, tokens: int, urgent: bool) -> float:
         """Wait until the model's shared bucket grants one request of ``tokens``; returns
-        the seconds waited. Models without configured limits pass at once."""
-        waited = 0.0
-        while True:
-            wait = await self.try_acquire(model, tokens=tokens, urgent=urgent)
-            if wait == 0:
-                return waited
-            pause = min(wait, 5.0) + self._rng.uniform(0, 0.05)
-            waited += pause
-            await asyncio.sleep(pause)
+        the seconds waited (queueing included). Models without configured limits pass at once."""
+        if model not in self._limits:
+            return 0.0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        queue = self._queues.setdefault((model, urgent), asyncio.Lock())
+        waited = queue.locked()
+        async with queue:
+            while True:
+                wait = await self.try_acquire(model, tokens=tokens, urgent=urgent)
+                if wait == 0:
+                    return loop.time() - started if waited else 0.0
+                waited = True
+                # a little jitter so the replicas' pollers do not collide on every refill
+                await asyncio.sleep(min(wait, 5.0) + self._rng.uniform(0, 0.02))
 
     async def try_acquire(self, model: str, *, tokens: int, urgent: bool) -> float:
         """One attempt: 0.0 when granted, else the seconds to wait before the next."""
