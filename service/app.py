@@ -195,7 +195,13 @@ class Daemon:
                 js,
                 f"{self.subjects.stream_suffix}_LIMITS",
                 {
-                    model: Limits(rpm=cfg.rpm, tpm=cfg.tpm, urgent_reserve=s.rate_limit_urgent_reserve)
+                    model: Limits(
+                        rpm=cfg.rpm,
+                        tpm=cfg.tpm,
+                        urgent_reserve=s.rate_limit_urgent_reserve,
+                        burst_s=cfg.burst_s,
+                        headroom=cfg.headroom,
+                    )
                     for model, cfg in s.rate_limits.items()
                 },
                 replicas=s.nats.stream_replicas,

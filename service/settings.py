@@ -150,6 +150,8 @@ def _default_prices() -> dict[str, PriceSettings]:
 class RateLimitSettings(_Section):
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    burst_s: float = Field(1.0, gt=0, le=60)
+    headroom: float = Field(0.04, ge=0, lt=0.5)
 
 
 class BudgetSettings(_Section):
