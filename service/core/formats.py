@@ -7,20 +7,17 @@ Each yielded entry is either an item dict or a :class:`LineError` (one bad line 
 ``.jsonl``, ``.csv`` and ``.mbox`` are streamed record by record, so a large export is
 never held in memory whole; the single-item formats are read whole (bounded by the
 caller's size limit). A whole-file problem is always found before the first record of
-a streamed format is yielded, or it is turned into a :class:`LineError`."""
+a streamed format is yielded, or it is turned into a :class:`LineError`. Emails
+(``.eml``, ``.mbox``) are parsed in :mod:`service.core.emails`."""
 
 from __future__ import annotations
 
 import csv
-import email
-import email.policy
-import html
 import io
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import EmailMessage
 from pathlib import PurePath
 from typing import Any, BinaryIO
 
@@ -61,10 +58,10 @@ def iter_file(name: str, stream: BinaryIO) -> Iterator[Entry]:
     read as plain text. Raises FileFormatError (possibly lazily, before the first entry)."""
     suffix = PurePath(name).suffix.lower()
     encoding = sniff(stream, name)
-    if suffix == ".eml":
-        return iter([email_item(stream.read())])
-    if suffix == ".mbox":
-        return mbox_items(stream)
+    if suffix in (".eml", ".mbox"):
+        from service.core.emails import email_item, mbox_items  # here: emails imports this module
+
+        return iter([email_item(stream.read())]) if suffix == ".eml" else mbox_items(stream)
     if suffix in (".jsonl", ".ndjson"):
         return jsonl_items(_lines(stream, encoding))
     if suffix == ".csv":
@@ -168,106 +165,6 @@ def note_item(name: str, text: str) -> dict[str, Any]:
         lines = [fields["title"]] + [f"{k}: {v}" for k, v in fields.items() if k != "title" and v]
         body = "\n".join(lines)
     return {"text": body, "fields": fields, "source": "note"}
-
-
-# -- email ----------------------------------------------------------------------------------
-
-
-def email_item(data: bytes) -> dict[str, Any]:
-    """An RFC 822 message: its plain-text body (or de-tagged HTML) → text; subject,
-    from, to, date → fields."""
-    msg = email.message_from_bytes(data, policy=email.policy.default)
-    if not isinstance(msg, EmailMessage):
-        raise FileFormatError("not an email message")
-    msg = _repair_boundary(msg)
-    fields: dict[str, str] = {}
-    for header in ("subject", "from", "to", "date"):
-        try:
-            value = msg.get(header)
-        except Exception:  # noqa: BLE001 - a malformed header is skipped, not fatal
-            value = None
-        if value:
-            fields[header] = str(value).strip()
-    text = _email_body(msg)
-    if not text.strip():
-        raise FileFormatError("the email has no readable text body", "no_items")
-    return {"text": text.strip(), "fields": fields, "source": "email"}
-
-
-_BOUNDARY_LINE = re.compile(r"^--([^\s-][^\s]{0,69})\s*$", re.M)
-
-
-def _repair_boundary(msg: EmailMessage) -> EmailMessage:
-    """A multipart whose declared boundary never occurs (a common export bug) is parsed
-    as one opaque string; re-parse it with the boundary its body actually uses."""
-    if msg.get_content_maintype() != "multipart" or msg.is_multipart():
-        return msg
-    payload = msg.get_payload()
-    found = _BOUNDARY_LINE.search(payload) if isinstance(payload, str) else None
-    if found is None:
-        return msg
-    try:
-        msg.set_boundary(found.group(1))
-        repaired = email.message_from_string(msg.as_string(), policy=email.policy.default)
-    except Exception:  # noqa: BLE001 - keep the unrepaired message
-        return msg
-    return repaired if isinstance(repaired, EmailMessage) and repaired.is_multipart() else msg
-
-
-def _email_body(msg: EmailMessage) -> str:
-    part = msg.get_body(preferencelist=("plain", "html"))
-    if part is None:
-        payload = msg.get_payload()
-        if isinstance(payload, str):  # broken MIME we could not repair: the raw body
-            text = payload.encode("ascii", "surrogateescape").decode("utf-8", "replace")
-            return html_to_text(text) if "<html" in text.lower() else text
-        raise FileFormatError("the email has no text/plain or text/html part to read", "no_items")
-    try:
-        content = part.get_content()
-    except (LookupError, UnicodeError):
-        # Unknown charset (e.g. X-UNKNOWN): decode the bytes as UTF-8, replacing what isn't.
-        raw = part.get_payload(decode=True)
-        content = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else ""
-    if not isinstance(content, str):
-        raise FileFormatError("the email body is not text")
-    if part.get_content_type() == "text/html":
-        content = html_to_text(content)
-    return content
-
-
-def html_to_text(markup: str) -> str:
-    markup = re.sub(r"(?is)<(script|style).*?</\1>", " ", markup)
-    markup = re.sub(r"(?i)<br\s*/?>|</p>|</div>|</li>", "\n", markup)
-    text = html.unescape(re.sub(r"<[^>]+>", " ", markup))
-    return re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text)).strip()
-
-
-def mbox_items(stream: BinaryIO) -> Iterator[Entry]:
-    """One item per message of an mbox (messages start with a ``From `` line), one
-    message in memory at a time."""
-    first = stream.readline()
-    if not first.startswith(b"From "):
-        raise FileFormatError("not an mbox: the first line must start with 'From '")
-    return _mbox_messages(stream)
-
-
-def _mbox_messages(stream: BinaryIO) -> Iterator[Entry]:
-    number, lines = 1, list[bytes]()
-    for raw in stream:
-        if raw.startswith(b"From "):
-            yield _mbox_message(number, lines)
-            number, lines = number + 1, []
-        else:
-            lines.append(raw[1:] if re.match(rb">+From ", raw) else raw)
-    yield _mbox_message(number, lines)
-
-
-def _mbox_message(number: int, lines: list[bytes]) -> Entry:
-    data = b"".join(lines)
-    try:
-        return email_item(data)
-    except FileFormatError as exc:
-        return LineError(number, "invalid_text", f"message {number}: {exc}", data[:4096])
 
 
 # -- records --------------------------------------------------------------------------------

@@ -3,15 +3,16 @@
 results come back as ``outbox/<handler>/<name>.results.jsonl``.
 
 The life of one file (docs/folders.md has the crash analysis):
-1. *settle* (:class:`InboxWatcher`): watchfiles or a scan reports it; it is taken once
-   unchanged for ``folders.settle_s`` (a file that is already older is taken at once).
+1. *settle* (:class:`~service.sources.inbox_watch.InboxWatcher`): watchfiles or a scan
+   reports it; it is taken once unchanged for ``folders.settle_s`` (a file that is
+   already older is taken at once).
 2. *claim*: refused (→ ``inbox/.failed/``) if any part of its path is a symlink, it is not
    a regular file, too large, empty, or its subfolder is no handler; else its state is
    saved and it is renamed into ``inbox/.processing/<key>/``, out of everyone's way.
 3. *read* (thread): items validated into a manifest, bad records spooled as error events.
 4. *publish*: items to intake with ``Nats-Msg-Id: <key>:<n>``; ``accepted`` once all acked.
-5. *collect* (:class:`ResultCollector`): a durable pull consumer on ``<prefix>.out.>``
-   spools each awaited result (fsync, then ack).
+5. *collect* (:class:`~service.sources.folder_results.ResultCollector`): a durable pull
+   consumer on ``<prefix>.out.>`` spools each awaited result (fsync, then ack).
 6. *finish*: the source to ``inbox/.done/``, the results file in input order (atomic),
    ``enrich.events.file.done``.
 """
@@ -19,7 +20,6 @@ The life of one file (docs/folders.md has the crash analysis):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -28,24 +28,21 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from watchfiles import Change, awatch
 
 from service import failpoints
-from service.aio import quietly, reraise_if_cancelled
+from service.aio import reraise_if_cancelled
 from service.core.events import iso
-from service.core.formats import FileFormatError, ignored_name
+from service.core.formats import FileFormatError
 from service.settings import Settings
 from service.sinks.events import Redactor, dumps
+from service.sources.folder_results import RETRY_S, ResultCollector
+from service.sources.inbox_watch import InboxWatcher
 from service.state import files
 from service.state.files import ACCEPTED, PREPARED, READING, FileMeta, FileState, ReadConfig, display
 from service.subjects import Subjects
@@ -56,10 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("enrichd.folders")
 WORKERS = 2  # files read and published at the same time
 CHUNK = 1000  # items published per PubAck round
-FETCH = 500  # result events per pull
-RESULTS_ACK_WAIT_S = 10.0
-RESCAN_S = 60.0  # safety net for missed notifications (inotify queue overflow, odd mounts)
-RETRY_S = 5.0
 Work = Callable[[], Awaitable[None]]
 
 
@@ -71,225 +64,6 @@ class Job:
     state: FileState
     remaining: set[str] = field(default_factory=set)
     finishing: bool = False
-
-
-class InboxWatcher:
-    """Reports files of the inbox once they are complete: watchfiles events, a scan
-    whenever the watcher (re)starts and every RESCAN_S, and a settle wait per file."""
-
-    def __init__(self, inbox: Path, outbox: Path, settle_s: float, on_ready: Callable[[Path], None]) -> None:
-        self.inbox, self.outbox, self.settle_s = inbox, outbox, settle_s
-        self._on_ready = on_ready
-        self._settling: dict[Path, asyncio.Task[None]] = {}
-        self._reported: set[Path] = set()  # handed over, not yet taken
-        self._held: set[Path] = set()  # refused files that could not be moved: left alone
-
-    def taken(self, path: Path) -> None:
-        self._reported.discard(path)
-
-    def hold(self, path: Path) -> None:
-        self._held.add(path)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        # The Rust watcher dies on some events (e.g. a path that is not UTF-8): start it
-        # again; the scan after each start picks up whatever happened in between.
-        delay = 0.2
-        try:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    self.inbox.mkdir(parents=True, exist_ok=True)  # it may have been deleted
-                    await self._watch(stop)
-                except Exception as exc:  # noqa: BLE001 - watching must go on
-                    reraise_if_cancelled()
-                    log.warning("folder watcher failed; restarting it", extra={"error": display(str(exc))})
-                    delay = 0.2 if time.monotonic() - started > 10 else min(delay * 2, 5.0)
-                    await asyncio.sleep(delay)
-        finally:
-            settling = list(self._settling.values())
-            for task in settling:
-                task.cancel()
-            await asyncio.gather(*settling, return_exceptions=True)
-
-    async def _watch(self, stop: asyncio.Event) -> None:
-        scanned = -RESCAN_S
-        watch = awatch(
-            self.inbox, watch_filter=self._wanted, stop_event=stop, rust_timeout=500, yield_on_timeout=True
-        )
-        async for changes in watch:
-            if time.monotonic() - scanned >= RESCAN_S:  # the first pass: the watcher is running now
-                scanned = time.monotonic()
-                self._scan(self.inbox)
-            for change, raw in changes:
-                if change == Change.deleted:
-                    self._forget(Path(raw))
-                else:
-                    self._consider(Path(raw))
-
-    def _wanted(self, _change: Change, raw: str) -> bool:
-        try:
-            rel = Path(raw).relative_to(self.inbox)
-        except ValueError:
-            return False
-        return not any(ignored_name(part) for part in rel.parts) and not self._in_outbox(Path(raw))
-
-    def _in_outbox(self, path: Path) -> bool:
-        return path == self.outbox or self.outbox in path.parents  # an outbox inside the inbox
-
-    def _scan(self, folder: Path) -> None:
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return
-        for entry in entries:
-            path = Path(entry.path)
-            if ignored_name(entry.name) or self._in_outbox(path):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                self._scan(path)
-            else:
-                self._consider(path)
-
-    def _consider(self, path: Path) -> None:
-        if path in self._settling or path in self._reported or path in self._held:
-            return
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
-            return
-        if stat.S_ISDIR(mode):  # a folder moved in arrives as one event: look inside
-            self._scan(path)
-            return
-        task = asyncio.create_task(self._settle(path))
-        self._settling[path] = task
-        task.add_done_callback(lambda _: self._settling.pop(path, None))
-
-    def _forget(self, path: Path) -> None:
-        self._held.discard(path)
-        task = self._settling.pop(path, None)
-        if task is not None:
-            task.cancel()
-
-    async def _settle(self, path: Path) -> None:
-        """Wait until unchanged (size, mtime) for settle_s, by the clock or by its mtime
-        (a file written elsewhere and renamed in is taken at once)."""
-        last: tuple[int, int] | None = None
-        since = time.monotonic()
-        while True:
-            try:
-                st = os.lstat(path)
-            except OSError:  # gone; or unreadable, and the next scan tries again
-                return
-            if not stat.S_ISREG(st.st_mode):
-                break  # refused at once; nothing to wait for
-            if (st.st_size, st.st_mtime_ns) != last:
-                last, since = (st.st_size, st.st_mtime_ns), time.monotonic()
-            quiet_for = max(time.time() - st.st_mtime, time.monotonic() - since)
-            if quiet_for >= self.settle_s:
-                break
-            await asyncio.sleep(min(0.5, max(0.05, self.settle_s - quiet_for)))
-        self._reported.add(path)
-        self._on_ready(path)
-
-
-class ResultCollector:
-    """A durable pull consumer on ``<prefix>.out.>`` that spools, durably and then acks,
-    every result event some file awaits; calls ``on_progress(job)`` for each file that
-    received results. The index maps (handler, item id) to the files awaiting it."""
-
-    def __init__(
-        self, js: JetStreamContext, subjects: Subjects, durable: str, on_progress: Callable[[Job], None]
-    ) -> None:
-        self._js, self._subjects, self._durable = js, subjects, durable
-        self._on_progress = on_progress
-        self._pending: dict[str, dict[str, list[Job]]] = {}  # handler → item id → jobs
-        self._sub: Any = None
-
-    def expect(self, job: Job, key: str) -> None:
-        jobs = self._pending.setdefault(job.meta.handler, {}).setdefault(key, [])
-        if job not in jobs:
-            jobs.append(job)
-        job.remaining.add(key)
-
-    def received(self, job: Job, key: str) -> None:
-        job.remaining.discard(key)
-        ids = self._pending.get(job.meta.handler, {})
-        jobs = ids.get(key)
-        if jobs is not None and job in jobs:
-            jobs.remove(job)
-            if not jobs:
-                del ids[key]
-
-    def forget(self, job: Job) -> None:
-        for key in list(job.remaining):
-            self.received(job, key)
-
-    async def bind(self, since: str | None) -> None:
-        """Create the consumer if missing: from now, or from ``since`` when files were
-        waiting (the consumer was lost, e.g. a new NATS server) so their results come."""
-        stream = self._subjects.stream("OUT")
-        try:
-            await self._js.consumer_info(stream, self._durable)
-        except nats.js.errors.NotFoundError:
-            config = ConsumerConfig(
-                durable_name=self._durable,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=RESULTS_ACK_WAIT_S,
-                filter_subject=f"{self._subjects.prefix}.out.>",
-                inactive_threshold=30 * 86_400.0,
-                deliver_policy=DeliverPolicy.NEW,
-            )
-            if since is not None:
-                config.deliver_policy = DeliverPolicy.BY_START_TIME
-                start = datetime.fromisoformat(since.replace("Z", "+00:00"))
-                config.opt_start_time = start - timedelta(minutes=1)
-            await self._js.add_consumer(stream, config)
-        self._sub = await self._js.pull_subscribe_bind(durable=self._durable, stream=stream)
-
-    async def run(self) -> None:
-        while True:
-            reraise_if_cancelled()  # a cancel swallowed by a fetch that returned messages
-            try:
-                msgs = await self._sub.fetch(FETCH, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                reraise_if_cancelled()  # 3.11's wait_for can turn a cancel into a timeout
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-                reraise_if_cancelled()  # nats-py reports a cancel while closing as ConnectionClosed
-                log.warning("results fetch failed; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                await self._collect(msgs)
-            except Exception:  # noqa: BLE001 - e.g. disk full: not acked, so redelivered
-                reraise_if_cancelled()
-                log.exception("storing results failed; they will be redelivered")
-                await asyncio.sleep(RETRY_S)
-                continue
-            for msg in msgs:
-                await quietly(msg.ack())
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            await quietly(self._sub.unsubscribe())
-            self._sub = None
-
-    async def _collect(self, msgs: list[Any]) -> None:
-        prefix = self._subjects.prefix + ".out."
-        batch: dict[Job, list[tuple[str, bytes]]] = {}
-        for msg in msgs:
-            ids = self._pending.get(msg.subject.removeprefix(prefix))
-            item_id = _event_id(msg.data) if ids else None
-            for job in ids.get(item_id, ()) if ids and item_id else ():
-                if item_id in job.remaining:
-                    batch.setdefault(job, []).append((item_id, msg.data))
-        if not batch:
-            return
-        await asyncio.to_thread(_spool, batch)
-        for job, lines in batch.items():
-            for key, _ in lines:
-                self.received(job, key)
-            self._on_progress(job)
 
 
 class FolderSource:
@@ -616,11 +390,6 @@ def _claim(job: Job, path: Path) -> None:
     os.rename(path, source)
 
 
-def _spool(batch: dict[Job, list[tuple[str, bytes]]]) -> None:
-    for job, lines in batch.items():
-        job.state.append(lines)
-
-
 async def _acked(futures: list[asyncio.Future[Any]]) -> None:
     if not futures:
         return
@@ -628,14 +397,6 @@ async def _acked(futures: list[asyncio.Future[Any]]) -> None:
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(futures)} publishes were not acknowledged: {failed[0]!r}")
-
-
-def _event_id(data: bytes) -> str | None:
-    try:
-        value = json.loads(data).get("id")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _now() -> datetime:
