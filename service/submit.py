@@ -13,8 +13,9 @@ import nats
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from service.core.entries import FileFormatError, LineError
 from service.core.errors import BadItemError
-from service.core.formats import FileFormatError, LineError, file_items
+from service.core.formats import file_items
 from service.core.items import default_id
 from service.natsconn import connect_kwargs, servers
 from service.settings import Settings

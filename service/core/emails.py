@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any, BinaryIO
 
-from service.core.formats import Entry, FileFormatError, LineError
+from service.core.entries import Entry, FileFormatError, LineError
 
 
 def email_item(data: bytes) -> dict[str, Any]:

@@ -17,35 +17,15 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, BinaryIO
+
+from service.core.emails import email_item, mbox_items
+from service.core.entries import Entry, FileFormatError, LineError
 
 _HEAD = 8192
 _BOM_UTF8 = b"\xef\xbb\xbf"
 _FIELD_BUDGET = 20_000  # characters of one front-matter field: guards against YAML alias bombs
-
-
-class FileFormatError(ValueError):
-    """The whole file cannot be read. ``code`` is one of the codes in docs/folders.md."""
-
-    def __init__(self, message: str, code: str = "invalid_format") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class LineError:
-    """One record of a multi-record file is bad; ``line`` is 1-based. ``code`` is a
-    bad-item code (service.core.errors.BAD_ITEM_CODES); ``raw`` the record's bytes, if any."""
-
-    line: int
-    code: str
-    message: str
-    raw: bytes | None = None
-
-
-Entry = dict[str, Any] | LineError
 
 
 def file_items(name: str, data: bytes) -> Iterator[Entry]:
@@ -59,8 +39,6 @@ def iter_file(name: str, stream: BinaryIO) -> Iterator[Entry]:
     suffix = PurePath(name).suffix.lower()
     encoding = sniff(stream, name)
     if suffix in (".eml", ".mbox"):
-        from service.core.emails import email_item, mbox_items  # here: emails imports this module
-
         return iter([email_item(stream.read())]) if suffix == ".eml" else mbox_items(stream)
     if suffix in (".jsonl", ".ndjson"):
         return jsonl_items(_lines(stream, encoding))

@@ -37,8 +37,8 @@ from nats.aio.client import Client
 
 from service import failpoints
 from service.aio import reraise_if_cancelled
+from service.core.entries import FileFormatError
 from service.core.events import iso
-from service.core.formats import FileFormatError
 from service.settings import Settings
 from service.sinks.events import Redactor, dumps
 from service.sources.folder_results import RETRY_S, ResultCollector

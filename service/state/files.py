@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from handlers import HandlerSpec
+from service.core.entries import FileFormatError, LineError
 from service.core.errors import BadItemError, ErrorInfo
 from service.core.events import Outcome, dlq_entry, iso, result_event
-from service.core.formats import FileFormatError, LineError, iter_file
+from service.core.formats import iter_file
 from service.core.items import Priority, item_from_object, salvage
 
 READING = "reading"

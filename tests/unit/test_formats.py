@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from service.core.formats import FileFormatError, LineError, file_items, ignored_name, iter_file
+from service.core.entries import FileFormatError, LineError
+from service.core.formats import file_items, ignored_name, iter_file
 from tests.conftest import FIXTURES
 
 NASTY = FIXTURES / "nasty"
