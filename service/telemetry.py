@@ -76,13 +76,23 @@ class Metrics:
             self.latency.record(latency_s, {"route": event["route"]})
 
 
-def build(enabled: bool, service_name: str = "enrichd") -> tuple[Metrics, CollectorRegistry | None, Any]:
-    """Metrics for one daemon: (metrics, the registry ``/metrics`` serves, the provider to
-    shut down). Also pushes over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_*`` is set and the
-    exporter package is installed."""
-    if not enabled:
-        return Metrics(NoOpMeterProvider().get_meter("enrichd")), None, None
+def otlp_metrics_configured() -> bool:
     import os
+
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    )
+
+
+def build(
+    prometheus: bool, service_name: str = "enrichd", *, otlp: bool | None = None
+) -> tuple[Metrics, CollectorRegistry | None, Any]:
+    """Metrics for one daemon: (metrics, the registry ``/metrics`` serves or None, the
+    provider to shut down). ``prometheus``: serve them on ``/metrics``; ``otlp`` (default:
+    when ``OTEL_EXPORTER_OTLP_*`` is set): also push them over OTLP/HTTP."""
+    otlp = otlp_metrics_configured() if otlp is None else otlp
+    if not prometheus and not otlp:
+        return Metrics(NoOpMeterProvider().get_meter("enrichd")), None, None
 
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
@@ -90,16 +100,15 @@ def build(enabled: bool, service_name: str = "enrichd") -> tuple[Metrics, Collec
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
     from opentelemetry.sdk.resources import Resource
 
-    registry = CollectorRegistry()
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    registry = CollectorRegistry() if prometheus else None
+    readers: list[MetricReader] = []
+    if registry is not None:
+        readers.append(PrometheusMetricReader(registry=registry))
+    if otlp:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-        except ImportError:  # the OTLP exporter is optional
-            pass
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     provider = MeterProvider(
         resource=Resource.create({"service.name": service_name}),
         metric_readers=readers,
