@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -145,9 +146,11 @@ class BatchStore:
         await self._objects.put(flush_id, b"".join(lines))
 
     async def items(self, flush_id: str) -> list[dict[str, Any]]:
-        result = await self._objects.get(flush_id)
-        data = result.data or b""
-        return [json.loads(line) for line in data.splitlines() if line.strip()]
+        # Into a buffer: without ``writeinto`` nats-py 2.16 joins the chunks with
+        # ``bytes +=``, quadratic in the object's size (38 s for a 78 MB flush).
+        buffer = io.BytesIO()
+        await self._objects.get(flush_id, writeinto=buffer)
+        return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
 
     async def has_items(self, flush_id: str) -> bool:
         try:
