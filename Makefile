@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench install clean
+.PHONY: run test lint fmt bench bench-ratelimit install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,15 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## Benchmarks (so far: daemon peak RSS for a 100,000-line JSONL drop; see docs/folders.md).
+## Benchmarks: the seven ratio benchmarks (bench/results.json, docs/benchmarks.md), then the
+## 100,000-line JSONL drop's peak RSS (docs/folders.md). About 6 minutes on 2 cores. The
+## three-replica rate-limit run (about 3 minutes) is `make bench-ratelimit`.
 bench: $(STAMP)
+	$(BIN)/python -m bench.ratios
 	$(BIN)/python -m bench.folder_rss --lines 100000 --max-items 10000
+
+bench-ratelimit: $(STAMP)
+	$(BIN)/python -m bench.ratelimit
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

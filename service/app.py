@@ -384,10 +384,11 @@ class Daemon:
             await _stage("embedded nats-server stopped", self._embedded.stop(), 15)
         if self._health is not None:
             await _stage("health endpoint stopped", self._health.stop(), 5)
+        # Off the event loop: shutting down exports what is left over HTTP (OTLP).
         if self._meter_provider is not None:
-            self._meter_provider.shutdown()
+            await _stage("metrics exported", asyncio.to_thread(self._meter_provider.shutdown), 10)
         if self._tracer_provider is not None:
-            self._tracer_provider.shutdown()
+            await _stage("traces exported", asyncio.to_thread(self._tracer_provider.shutdown), 10)
 
     async def stop(self) -> None:
         """Shut down in stages, each logged and bounded: stop intake, let in-flight items

@@ -34,13 +34,21 @@ from service.core.batching import BatchPolicy, BufferState, flush_reason, take, 
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import ProviderError
-from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
+from service.core.events import (
+    Outcome,
+    cached_copy,
+    cached_msg_id,
+    dlq_entry,
+    iso,
+    result_event,
+    result_msg_id,
+)
 from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
-from service.sinks.events import EventSink, Redactor, dumps
+from service.sinks.events import INTAKE_SEQ_HEADER, EventSink, Redactor, dumps, keep_second_answer
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore, StaleRecordError, seq_ranges
 from service.state.budget import BudgetExhaustedError, Ledger
-from service.state.results import ResultStore
+from service.state.results import ResultStore, StoredResult
 from service.subjects import Subjects
 from service.telemetry import Metrics
 
@@ -100,6 +108,9 @@ class Batcher:
         self.ledger: Ledger | None = None
         self.budget_recheck_s = 60.0
         self._blocked_until: dict[str, float] = {}
+        # (handler, item id) of the items in this replica's flushes not yet published:
+        # later messages with the same key wait for the answer instead of paying again.
+        self._inflight_keys: dict[tuple[str, str], str] = {}
         self.metrics: Metrics = telemetry.build(False)[0]
         self.alerts: Alerter | None = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
@@ -227,6 +238,13 @@ class Batcher:
                 await (m.ack() if existing.holds_seq(m.metadata.sequence.stream) else m.nak())
             return None
         msgs, records = await self._unique(msgs)
+        if msgs:
+            msgs, records = await self._answer_stored(msgs, records)
+        if not msgs:
+            # Everything fetched was answered from the store or waits for an item with the
+            # same id in flight: look at this buffer again after a poll interval, not at once.
+            self._blocked_until[subject] = time.monotonic() + self.poll_interval_s
+            return None
         seqs = [m.metadata.sequence.stream for m in msgs]
         lines = [encode_line(r["cid"], r["endpoint"], r["body"]) for r in records]
         self._avg_bytes = 0.8 * self._avg_bytes + 0.2 * (sum(len(x) for x in lines) / len(lines))
@@ -266,6 +284,8 @@ class Batcher:
         )
         await self.store.put_items(flush_id, [dumps(r).encode() + b"\n" for r in kept])
         await self.store.create(record)
+        for r in kept:
+            self._inflight_keys[(r["handler"], r["item"]["id"])] = flush_id
         failpoints.hit("after_flush_record")
         for m in keep:
             await m.ack()
@@ -279,18 +299,71 @@ class Batcher:
         return record
 
     async def _unique(self, msgs: list[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
-        """Decode buffered records; the same intake message buffered twice is sent once."""
-        records, unique, seen = [], [], set()
+        """Decode buffered records. The same intake message buffered twice is sent once.
+        Another message with the same (handler, id) as one in this flush, or as one in a
+        flush of this replica still in flight, is held back in the buffer: once the first
+        one's answer is stored it is answered from the store (``cached``), so the provider
+        is not paid twice for one item."""
+        records, unique, seen, keys = [], [], set(), set()
         for m in msgs:
             r = json.loads(m.data)
             r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
             if r["cid"] in seen:
                 await m.ack()
                 continue
+            key = (r["handler"], r["item"]["id"])
+            if key in keys or key in self._inflight_keys:
+                delivered = int(getattr(m.metadata, "num_delivered", 1) or 1)
+                await m.nak(delay=min(300.0, self.poll_interval_s * 2 ** min(delivered, 8)))
+                continue
             seen.add(r["cid"])
+            keys.add(key)
             records.append(r)
             unique.append(m)
         return unique, records
+
+    async def _answer_stored(
+        self, msgs: list[Any], records: list[dict[str, Any]]
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Items whose answer is already stored are answered from the store and not sent:
+        the original event again for a redelivery of the message that produced it, else a
+        ``cached`` copy for the new message. Looked up many at a time."""
+        found: list[StoredResult | None] = []
+        for begin in range(0, len(records), 500):
+            part = records[begin : begin + 500]
+            found += await asyncio.gather(*(self.results.get(r["handler"], r["item"]["id"]) for r in part))
+        if not any(found):
+            return msgs, records
+        keep_msgs, keep_records, answered, messages = [], [], [], []
+        now = datetime.now(UTC)
+        for m, r, stored in zip(msgs, records, found, strict=True):
+            if stored is None:
+                keep_msgs.append(m)
+                keep_records.append(r)
+                continue
+            data, handler = r["item"], r["handler"]
+            if stored.intake_seq == r["intake_seq"]:
+                event, msg_id = stored.event, result_msg_id(data["id"], handler)
+            else:
+                received = datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
+                event = cached_copy(
+                    stored.event,
+                    metadata=data.get("metadata"),
+                    source=data.get("source"),
+                    received_at=received,
+                    completed_at=now,
+                )
+                msg_id = cached_msg_id(data["id"], handler, r["intake_seq"])
+                self.metrics.outcome(event, (now - received).total_seconds())
+            messages.append(
+                (self.subjects.out(handler), self.redact(dumps(event)).encode(), {"Nats-Msg-Id": msg_id})
+            )
+            answered.append(m)
+        await self._acked(await self._send_nowait(messages), messages)
+        for m in answered:
+            await m.ack()
+        log.info("answered from the result store at flush", extra={"items": len(answered)})
+        return keep_msgs, keep_records
 
     def _fit(self, lines: list[bytes], tokens: list[int]) -> int:
         """How many leading records fit one batch: provider limits, then enqueued tokens."""
@@ -386,6 +459,8 @@ class Batcher:
                 key = r.provider_status or r.state
                 by_status[key] = by_status.get(key, 0) + 1
         self.batches_by_status = by_status
+        active = {r.flush_id for r in records if r.state in ACTIVE_STATES}
+        self._inflight_keys = {k: f for k, f in self._inflight_keys.items() if f in active}
         for record in records:
             if self._closing:
                 return
@@ -400,7 +475,11 @@ class Batcher:
             except ProviderError as exc:
                 log.warning(
                     "provider call failed while following a batch",
-                    extra={"flush_id": record.flush_id, "error_code": exc.code, "message": exc.message},
+                    extra={
+                        "flush_id": record.flush_id,
+                        "error_code": exc.code,
+                        "provider_message": exc.message,
+                    },
                 )
 
     async def _save(self, record: BatchRecord) -> BatchRecord:
@@ -557,20 +636,33 @@ class Batcher:
                 "ok" if isinstance(action, Ok) else "error" if isinstance(action, Fail) else "retried"
             ] += 1
         start = record.published_upto
+        # Chunk N+1 is built and sent while chunk N's acks come back; the checkpoint moves
+        # past a chunk only once all its acks are in. A restart resends from the last
+        # checkpoint, and every message it resends carries the same Nats-Msg-Id.
+        previous: tuple[list[Any], list[Message], int] | None = None
         for begin in range(start, len(items), self.results_chunk):
             chunk = range(begin, min(begin + self.results_chunk, len(items)))
             pending = []
             for index in chunk:
                 pending.extend(self._messages(record, items[index], actions[index]))
-            await self._send(pending)
+            futures = await self._send_nowait(pending)
             failpoints.hit("mid_publish")  # published, not yet checkpointed
-            record.published_upto = chunk.stop
+            if previous is not None:
+                await self._acked(previous[0], previous[1])
+                record.published_upto = previous[2]
+                record = await self._save(record)
+            previous = (futures, pending, chunk.stop)
+        if previous is not None:
+            await self._acked(previous[0], previous[1])
+            record.published_upto = previous[2]
             record = await self._save(record)
         if self.ledger is not None and record.budget_day and start == 0:
             await self._settle_budget(record, items, actions)
         record.state = "published"
         record.outcome = counts
         record = await self._save(record)
+        for item in items:
+            self._inflight_keys.pop((item["handler"], item["item"]["id"]), None)
         topic = {
             "completed": "batch.completed",
             "expired": "batch.expired",
@@ -640,8 +732,11 @@ class Batcher:
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
         out: list[Message] = []
+        event_json = dumps(event)
         if isinstance(action, Ok):
-            subject, payload = self.results.put_message(event, intake_seq=item.get("intake_seq"))
+            subject, payload = self.results.put_message_json(
+                handler, data["id"], event_json, intake_seq=item.get("intake_seq")
+            )
             out.append((subject, payload, {}))
         else:
             assert isinstance(action, Fail)
@@ -663,25 +758,40 @@ class Batcher:
         msg_id = result_msg_id(
             data["id"], handler, error_intake_seq=None if event["status"] == "ok" else item.get("intake_seq")
         )
-        # The far side of the batch hop: continue the item's trace from its intake span.
-        with self.tracer.start_as_current_span(
-            "enrich.batch.result",
-            context=tracing.from_traceparent(item.get("traceparent")),
-            kind=SpanKind.PRODUCER,
-            attributes=tracing.item_attributes(
-                data["id"], handler, batch_id=record.batch_id, status=event["status"], route="batch"
-            ),
-        ):
-            headers = tracing.inject({"Nats-Msg-Id": msg_id})
-        out.append((self.subjects.out(handler), self.redact(dumps(event)).encode(), headers))
+        headers = {"Nats-Msg-Id": msg_id}
+        if event["status"] == "ok":
+            headers[INTAKE_SEQ_HEADER] = str(item.get("intake_seq"))
+        if self._tracing:
+            # The far side of the batch hop: continue the item's trace from its intake span.
+            with self.tracer.start_as_current_span(
+                "enrich.batch.result",
+                context=tracing.from_traceparent(item.get("traceparent")),
+                kind=SpanKind.PRODUCER,
+                attributes=tracing.item_attributes(
+                    data["id"], handler, batch_id=record.batch_id, status=event["status"], route="batch"
+                ),
+            ):
+                tracing.inject(headers)
+        out.append((self.subjects.out(handler), self.redact(event_json).encode(), headers))
         return out
 
-    async def _send(self, messages: list[Message]) -> None:
-        futures = [await self.js.publish_async(s, p, headers=h or None) for s, p, h in messages]
+    @property
+    def _tracing(self) -> bool:
+        return not isinstance(self.tracer, trace.NoOpTracer)
+
+    async def _send_nowait(self, messages: list[Message]) -> list[Any]:
+        return [await self.js.publish_async(s, p, headers=h or None) for s, p, h in messages]
+
+    async def _acked(self, futures: list[Any], messages: list[Message]) -> None:
+        """Wait for the PubAcks of ``messages``; an ``ok`` event dropped as a duplicate of
+        another intake message's answer is sent again (sinks.events.keep_second_answer)."""
         results = await asyncio.gather(*futures, return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            raise RuntimeError(f"{len(failures)} of {len(messages)} publishes failed: {failures[0]!r}")
+            raise RuntimeError(f"{len(failures)} of {len(futures)} publishes failed: {failures[0]!r}")
+        for ack, (subject, payload, headers) in zip(results, messages, strict=True):
+            if headers and INTAKE_SEQ_HEADER in headers and getattr(ack, "duplicate", False):
+                await keep_second_answer(self.js, self.subjects, ack, subject, payload, headers)
 
     def _event_body(self, record: BatchRecord) -> dict[str, Any]:
         return {

@@ -23,7 +23,15 @@ from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOutputError, ProviderError
-from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id
+from service.core.events import (
+    Outcome,
+    cached_copy,
+    cached_msg_id,
+    dlq_entry,
+    iso,
+    result_event,
+    result_msg_id,
+)
 from service.core.items import Item, decode_object, item_from_object, salvage
 from service.core.routing import BatchRoute, BufferKey, RoutingRules, route
 from service.core.tokens import estimate_request_tokens
@@ -50,7 +58,9 @@ class Limiter(Protocol):
 
 
 class Sink(Protocol):
-    async def result(self, event: dict[str, Any], *, msg_id: str | None = None) -> None: ...
+    async def result(
+        self, event: dict[str, Any], *, msg_id: str | None = None, intake_seq: int | None = None
+    ) -> None: ...
 
     async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None: ...
 
@@ -138,6 +148,7 @@ class Pipeline:
         self.alerts: Alerter | None = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
         self.budget_recheck_s = 60.0
+        self._sync_flights: dict[tuple[str, str], asyncio.Future[dict[str, Any] | None]] = {}
 
     # -- entry points -------------------------------------------------------------------
 
@@ -151,19 +162,44 @@ class Pipeline:
             spec, item, body = self.prepare(intake)
         except BadItemError as exc:
             return await self._finish_bad(intake, exc)
-        stored = await self.store.get(item.handler, item.id)
-        if stored is not None:
-            return await self._answer_from_store(intake, item, stored)
         decision = route(
             item, endpoint=spec.endpoint, model=spec.model, rules=self.config.rules, now=self.clock()
         )
         batched = isinstance(decision, BatchRoute) and not force_sync
+        if not batched:
+            # Batched items are looked up in the store when their buffer is flushed, many
+            # at once (Batcher._answer_stored), which keeps intake at one round trip.
+            stored = await self.store.get(item.handler, item.id)
+            if stored is not None:
+                return await self._answer_from_store(intake, item, stored)
         trace.get_current_span().set_attributes(
             tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
         )
         if isinstance(decision, BatchRoute) and not force_sync:
             await self._buffer(intake, item, spec, body, decision)
             return None
+        # One provider call per (handler, id) at a time in this replica: a copy that
+        # arrives meanwhile waits for it and gets its answer as `cached`.
+        key = (item.handler, item.id)
+        leader = self._sync_flights.get(key)
+        if leader is not None:
+            answer = await asyncio.shield(leader)
+            if answer is not None and answer.get("status") == "ok":
+                return await self._answer_from_store(intake, item, StoredResult(answer, None))
+        flight: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._sync_flights[key] = flight
+        event: dict[str, Any] | None = None
+        try:
+            event = await self._sync(intake, item, spec, body, force_sync=force_sync)
+            return event
+        finally:
+            flight.set_result(event)
+            if self._sync_flights.get(key) is flight:
+                del self._sync_flights[key]
+
+    async def _sync(
+        self, intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], *, force_sync: bool
+    ) -> dict[str, Any] | None:
         try:
             outcome = await self.run_sync(spec, item, body, received_at=intake.received_at)
         except BudgetExhaustedError as exc:
@@ -301,6 +337,8 @@ class Pipeline:
     async def _call(self, spec: HandlerSpec, item: Item, body: dict[str, Any]) -> ProviderResponse:
         """One provider call inside the shared rate limit and the daily budget: both are
         reserved at the call's upper bound first and corrected from ``usage`` after."""
+        if self.ledger is None and self.limiter is None:  # nothing to reserve: skip tiktoken
+            return await self.provider.call(spec.endpoint, body)
         prompt = estimate_request_tokens(body)
         max_out = 0 if spec.is_embedding else spec.max_output_tokens
         planned = prompt + max_out  # providers count the requested max output toward TPM
@@ -392,7 +430,9 @@ class Pipeline:
         if intake.seq is not None:
             error_seq = None if outcome.ok else intake.seq
             await self.sink.result(
-                event, msg_id=result_msg_id(outcome.id, intake.handler, error_intake_seq=error_seq)
+                event,
+                msg_id=result_msg_id(outcome.id, intake.handler, error_intake_seq=error_seq),
+                intake_seq=intake.seq,
             )
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         if self.alerts is not None:
@@ -447,18 +487,16 @@ class Pipeline:
             # storing it): publish the original event again; JetStream dedups on Nats-Msg-Id.
             await self.sink.result(event)
             return event
-        event.update(
-            cached=True,
-            cost_usd=0.0,
-            attempts=0,
+        event = cached_copy(
+            stored.event,
             metadata=item.metadata,
             source=item.source,
-            received_at=result_event_time(intake.received_at),
-            completed_at=result_event_time(self.clock()),
+            received_at=intake.received_at,
+            completed_at=self.clock(),
         )
         self.counters.cached += 1
         if intake.seq is not None:
-            await self.sink.result(event, msg_id=f"{item.id}:{item.handler}:cached:{intake.seq}")
+            await self.sink.result(event, msg_id=cached_msg_id(item.id, item.handler, intake.seq))
         self.metrics.outcome(event, (self.clock() - intake.received_at).total_seconds())
         return event
 

@@ -94,6 +94,33 @@ def dlq_entry(
     return entry
 
 
+def cached_copy(
+    stored: dict[str, Any],
+    *,
+    metadata: Any,
+    source: Any,
+    received_at: datetime,
+    completed_at: datetime,
+) -> dict[str, Any]:
+    """The stored answer, re-sent for another intake message of the same id: ``cached``,
+    no cost, no attempts, and that message's own metadata, source and times."""
+    return {
+        **stored,
+        "cached": True,
+        "cost_usd": 0.0,
+        "attempts": 0,
+        "metadata": metadata,
+        "source": source,
+        "received_at": iso(received_at),
+        "completed_at": iso(completed_at),
+    }
+
+
+def cached_msg_id(item_id: str, handler: str, intake_seq: int | None) -> str:
+    """``Nats-Msg-Id`` of a stored answer sent for a new intake message."""
+    return f"{item_id}:{handler}:cached:{intake_seq}"
+
+
 def result_msg_id(item_id: str, handler: str, *, error_intake_seq: int | None = None) -> str:
     """``Nats-Msg-Id`` of a result event: ``<id>:<handler>`` (CONTRACT §1) for an ``ok``
     event. An ``error`` event adds ``:error:<intake seq>``: the same id may be sent again

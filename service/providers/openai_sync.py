@@ -6,6 +6,7 @@ retry policy decides (service/core/retry.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -128,13 +129,18 @@ class OpenAISyncProvider:
         async with self._slots:
             try:
                 if endpoint == "/v1/embeddings":
+                    # parse(): the SDK asks for base64 vectors and decodes them there.
                     raw: Any = await self._client.embeddings.with_raw_response.create(**body)
+                    data: Any = raw.parse().model_dump(mode="json")
                 else:
+                    # The body as sent: building the SDK's model and dumping it again costs
+                    # more CPU than the rest of the sync path (bench/sync_path.py).
                     raw = await self._client.chat.completions.with_raw_response.create(**body)
-                parsed = raw.parse()
+                    data = json.loads(raw.content)
             except Exception as exc:  # noqa: BLE001 - every failure is classified here
                 raise classify_exception(exc) from None
-        data: dict[str, Any] = parsed.model_dump(mode="json")
+        if not isinstance(data, dict):
+            raise ProviderError("provider_error", "the provider answered with no JSON object", retryable=True)
         usage = data.get("usage") or {}
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)

@@ -3,6 +3,7 @@ lifecycle events and buffered items. Every payload is scrubbed of secrets first.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterable
@@ -32,6 +33,27 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+INTAKE_SEQ_HEADER = "Enrichd-Intake-Seq"
+
+
+async def keep_second_answer(
+    js: JetStreamContext, subjects: Subjects, ack: Any, subject: str, payload: bytes, headers: dict[str, str]
+) -> None:
+    """JetStream dropped this ``ok`` event as a duplicate of ``<id>:<handler>``. When the
+    event it kept came from another intake message (two copies of one item answered at
+    the same time, e.g. on two replicas), this one must still be delivered: send it again
+    as ``<id>:<handler>:dup:<intake seq>``. A redelivery of the same message is left
+    deduplicated."""
+    ours = headers.get(INTAKE_SEQ_HEADER)
+    if not getattr(ack, "duplicate", False) or ours is None:
+        return
+    kept = await js.get_msg(subjects.stream("OUT"), ack.seq)
+    if (kept.headers or {}).get(INTAKE_SEQ_HEADER) == ours:
+        return
+    again = {**headers, "Nats-Msg-Id": f"{headers['Nats-Msg-Id']}:dup:{ours}"}
+    await js.publish(subject, payload, headers=again)
+
+
 class EventSink:
     def __init__(
         self, js: JetStreamContext, subjects: Subjects, redact: Redactor, *, timeout_s: float = 10.0
@@ -44,15 +66,18 @@ class EventSink:
     def _payload(self, obj: Any) -> bytes:
         return self._redact(dumps(obj)).encode()
 
-    async def result(self, event: dict[str, Any], *, msg_id: str | None = None) -> None:
+    async def result(
+        self, event: dict[str, Any], *, msg_id: str | None = None, intake_seq: int | None = None
+    ) -> None:
         """Publish a result event on ``enrich.out.<handler>`` and wait for the PubAck."""
-        headers = tracing.inject({"Nats-Msg-Id": msg_id or result_msg_id(event["id"], event["handler"])})
-        await self._js.publish(
-            self._subjects.out(event["handler"]),
-            self._payload(event),
-            headers=headers,
-            timeout=self._timeout_s,
-        )
+        plain = result_msg_id(event["id"], event["handler"])
+        headers = tracing.inject({"Nats-Msg-Id": msg_id or plain})
+        if intake_seq is not None:
+            headers[INTAKE_SEQ_HEADER] = str(intake_seq)
+        subject, payload = self._subjects.out(event["handler"]), self._payload(event)
+        ack = await self._js.publish(subject, payload, headers=headers, timeout=self._timeout_s)
+        if headers["Nats-Msg-Id"] == plain:
+            await keep_second_answer(self._js, self._subjects, ack, subject, payload, headers)
 
     async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None:
         handler = entry["handler"]
@@ -74,9 +99,10 @@ class EventSink:
         )
 
     async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None:
-        await self._js.publish(
-            self._subjects.buffer(key_token),
-            dumps(record).encode(),
-            headers={"Nats-Msg-Id": msg_id},
-            timeout=self._timeout_s,
+        # publish_async shares one reply subscription among all pending publishes, which
+        # costs far less CPU per item than publish's request/reply; we still wait for the
+        # PubAck before the intake message may be acked.
+        future = await self._js.publish_async(
+            self._subjects.buffer(key_token), dumps(record).encode(), headers={"Nats-Msg-Id": msg_id}
         )
+        await asyncio.wait_for(future, self._timeout_s)

@@ -206,3 +206,25 @@ async def test_resubmitted_answered_ids_are_cached_without_provider_calls(
     # no upload, batch, line or chat call for the re-submitted ids (the first batch may
     # still be deleting its input file, which is why raw request counts are not compared)
     assert inference() == before
+
+
+async def test_same_id_sent_again_while_in_flight_is_paid_once_and_answered_twice(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(batch_delay_s=1.0))
+    daemon = await make_daemon(batching={"max_wait_s": 0.3, "poll_interval_s": 0.2})
+    js = nc.jetstream()
+    items = [{"id": f"dup{i}", "text": f"the same note {i}"} for i in range(20)]
+    await publish_many(js, f"{prefix}.in.tags", items)
+    await asyncio.sleep(0.8)  # the first flush is in flight
+    await publish_many(js, f"{prefix}.in.tags", items[:10] + items[:5])  # in flight, and twice
+    msgs = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 35, timeout_s=40)
+    got = events(msgs)
+    assert len(got) == 35, "every intake message gets its event"
+    per_id = Counter(e["id"] for e in got)
+    assert all(per_id[f"dup{i}"] == (3 if i < 5 else 2 if i < 10 else 1) for i in range(20))
+    assert sum(e["cached"] for e in got) == 15 and all(e["status"] == "ok" for e in got)
+    assert all(e["cost_usd"] == 0 for e in got if e["cached"])
+    assert emulator.stats["batch_lines_total"] == 20, "each item paid once"

@@ -340,8 +340,13 @@ async def test_sigkill_then_restart_writes_the_results_once(
     assert code == -9, f"failpoint {failpoint} was not reached:\n{daemon.log_tail()}"
     daemon.start()
     results = tmp_path / "outbox" / "tags" / "crash.jsonl.results.jsonl"
+
+    def finished() -> bool:  # results written, and the file's state cleaned up after them
+        state = tmp_path / "state" / "folders"
+        return results.exists() and state.is_dir() and not any(state.iterdir())
+
     try:
-        await wait_for(results.exists, f"results after the restart:\n{daemon.log_tail()}", 60)
+        await wait_for(finished, f"results after the restart:\n{daemon.log_tail()}", 60)
     finally:
         assert daemon.terminate() == 0, daemon.log_tail()
     assert [(e["id"], e["status"]) for e in lines(results)] == [(i["id"], "ok") for i in items]

@@ -38,11 +38,11 @@ async def test_traces_and_metrics_are_pushed_over_otlp(make_daemon, nc, prefix, 
         item: dict[str, Any] = {"id": "otlp-1", "text": "pushed over OTLP", "priority": "urgent"}
         await js.publish(f"{prefix}.in.tags", json.dumps(item).encode())
         await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 1)
-        for _ in range(50):
-            if received.get("/v1/traces"):
+        for _ in range(100):  # the exporters push from their own threads
+            if received.get("/v1/traces") and received.get("/v1/metrics"):
                 break
             await asyncio.sleep(0.1)
-        await daemon.stop()  # flushes both exporters
+        await daemon.stop()
         assert received.get("/v1/traces", 0) >= 1 and received.get("/v1/metrics", 0) >= 1, received
     finally:
         await runner.cleanup()

@@ -295,3 +295,20 @@ async def test_streams_are_created_idempotently(make_daemon, nc, prefix, stream_
     assert info.config.name == daemon.subjects.stream(stream_kind)
     if stream_kind == "EVENTS":
         assert info.state.messages == 1
+
+
+async def test_copies_of_one_urgent_item_at_once_make_one_provider_call(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(latency_s=0.5))
+    daemon = await make_daemon()
+    js = nc.jetstream()
+    item = json.dumps({"id": "twin", "text": "one answer for both", "priority": "urgent"}).encode()
+    for _ in range(3):
+        await js.publish(f"{prefix}.in.tags", item)
+    got = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 3))
+    assert [e["id"] for e in got] == ["twin"] * 3 and all(e["status"] == "ok" for e in got)
+    assert sorted(e["cached"] for e in got) == [False, True, True]
+    assert emulator.stats["chat_requests_ok"] == 1
