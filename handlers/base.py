@@ -8,6 +8,7 @@ result for the same item.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from dataclasses import dataclass
@@ -68,11 +69,16 @@ class HandlerSpec:
         elif self.output != "text":
             raise ValueError('output must be "text" or a JSON Schema table')
 
-    @property
+    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
     def use_strict(self) -> bool:
         if self.strict is not None:
             return self.strict
         return isinstance(self.output, dict) and strict_compatible(self.output)
+
+    @functools.cached_property
+    def _validator(self) -> jsonschema.Draft202012Validator:
+        assert isinstance(self.output, dict)
+        return jsonschema.Draft202012Validator(self.output)
 
     @property
     def is_embedding(self) -> bool:
@@ -145,7 +151,7 @@ class HandlerSpec:
                 ) from None
             raise InvalidOutputError("invalid_output", f"the answer is not JSON: {exc.msg}") from None
         assert isinstance(self.output, dict)
-        errors = sorted(jsonschema.Draft202012Validator(self.output).iter_errors(value), key=str)
+        errors = sorted(self._validator.iter_errors(value), key=str)
         if errors:
             where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
             raise InvalidOutputError(
