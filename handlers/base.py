@@ -26,6 +26,7 @@ class TemplateError(ValueError):
     """A prompt template that cannot be used (bad braces, positional fields)."""
 
 
+@functools.lru_cache(maxsize=256)  # templates are few; rendered once per item
 def template_fields(template: str) -> frozenset[str]:
     """The placeholder names of a ``str.format`` template; raises :class:`TemplateError`."""
     names: set[str] = set()

@@ -150,6 +150,10 @@ class Pipeline:
         self.budget_recheck_s = 60.0
         self._sync_flights: dict[tuple[str, str], asyncio.Future[dict[str, Any] | None]] = {}
 
+    @property
+    def tracing(self) -> bool:
+        return not isinstance(self.tracer, trace.NoOpTracer)
+
     # -- entry points -------------------------------------------------------------------
 
     async def process(self, intake: Intake, *, force_sync: bool = False) -> dict[str, Any] | None:
@@ -172,9 +176,10 @@ class Pipeline:
             stored = await self.store.get(item.handler, item.id)
             if stored is not None:
                 return await self._answer_from_store(intake, item, stored)
-        trace.get_current_span().set_attributes(
-            tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
-        )
+        if self.tracing:
+            trace.get_current_span().set_attributes(
+                tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
+            )
         if isinstance(decision, BatchRoute) and not force_sync:
             await self._buffer(intake, item, spec, body, decision)
             return None
@@ -258,12 +263,13 @@ class Pipeline:
             if self.alerts is not None:
                 self.alerts.call(retry=calls > 1)
             try:
-                with self.tracer.start_as_current_span(
+                with tracing.span(
+                    self.tracer,
                     "enrich.provider.call",
-                    kind=SpanKind.CLIENT,
-                    attributes=tracing.item_attributes(
-                        item.id, item.handler, model=spec.model, attempt=calls
+                    lambda n=calls: tracing.item_attributes(  # type: ignore[misc]
+                        item.id, item.handler, model=spec.model, attempt=n
                     ),
+                    kind=SpanKind.CLIENT,
                 ):
                     response = await self._call(spec, item, body)
                 spent = Usage(
@@ -512,8 +518,8 @@ class Pipeline:
             "received_at": result_event_time(intake.received_at),
             "intake_seq": intake.seq,
         }
-        attributes = tracing.item_attributes(item.id, item.handler, model=spec.model)
-        with self.tracer.start_as_current_span("enrich.buffer", attributes=attributes):
+        attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
+        with tracing.span(self.tracer, "enrich.buffer", attributes):
             # The batch hop: the result span will continue this trace (see service/tracing.py).
             traceparent = tracing.current_traceparent()
             if traceparent:

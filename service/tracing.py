@@ -16,7 +16,8 @@ core-NATS subscribers (``enrich.sync.*``) with the same provider."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -52,6 +53,16 @@ def build(service_name: str = "enrichd", exporter: Any = None) -> tuple[Tracer, 
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider.get_tracer("enrichd"), provider
+
+
+def span(
+    tracer: Tracer, name: str, attributes: Callable[[], dict[str, Any]] | None = None, **kwargs: Any
+) -> AbstractContextManager[Any]:
+    """``tracer.start_as_current_span``, or nothing at all when tracing is off (the
+    attributes are only built when they will be recorded)."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return nullcontext()
+    return tracer.start_as_current_span(name, attributes=attributes() if attributes else None, **kwargs)
 
 
 def extract(headers: Mapping[str, str] | None) -> Context | None:

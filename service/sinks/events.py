@@ -29,8 +29,12 @@ class Redactor:
         return text
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    # One encoder for all: json.dumps with arguments builds a new one per call.
+    return _COMPACT.encode(obj)
 
 
 INTAKE_SEQ_HEADER = "Enrichd-Intake-Seq"

@@ -62,6 +62,8 @@ class NatsSource:
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
         self._paused_until = 0.0
+        self._held: dict[int, Msg] = {}  # in-flight intake messages, by id()
+        self._beat: asyncio.Task[None] | None = None
 
     def register(self) -> None:
         """Declare the core-NATS subscribers on the broker (before ``broker.start()``)."""
@@ -97,6 +99,7 @@ class NatsSource:
             ),
         )
         self._loop = asyncio.create_task(self._pull_loop(), name="intake")
+        self._beat = asyncio.create_task(self._heartbeats(), name="intake-heartbeat")
 
     async def _pull_loop(self) -> None:
         assert self._sub is not None
@@ -155,28 +158,30 @@ class NatsSource:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, msg: Msg, intake: Intake) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        self._held[id(msg)] = msg
         try:
-            with self._pipeline.tracer.start_as_current_span(
+            tracer = self._pipeline.tracer
+            with tracing.span(
+                tracer,
                 "enrich.intake",
-                context=tracing.extract(msg.headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
+                lambda: {
                     "messaging.system": "nats",
                     "messaging.destination.name": msg.subject,
                     "enrichd.intake_seq": intake.seq or 0,
                 },
+                context=tracing.extract(msg.headers),
+                kind=SpanKind.CONSUMER,
             ):
                 await self._process_until_done(intake)
         except Exception:
             # Infrastructure failure (e.g. NATS publish timed out): the message is not
             # acked, JetStream redelivers it after a short delay.
             log.exception("processing failed; message will be redelivered", extra={"seq": intake.seq})
-            heartbeat.cancel()
+            self._held.pop(id(msg), None)
             await quietly(msg.nak(delay=2.0))
             return
         finally:
-            heartbeat.cancel()
+            self._held.pop(id(msg), None)
             self._slots.release()
         await quietly(msg.ack())
 
@@ -197,11 +202,13 @@ class NatsSource:
                 )
                 await asyncio.sleep(exc.delay_s)
 
-    async def _heartbeat(self, msg: Msg) -> None:
-        # Long provider calls (retries, backoff) must not let ack_wait expire.
+    async def _heartbeats(self) -> None:
+        """Long provider calls (retries, backoff, a budget wait) must not let ack_wait
+        expire: one loop tells JetStream every held message is still in progress."""
         while True:
             await asyncio.sleep(max(0.5, self._ack_wait_s / 3))
-            await quietly(msg.in_progress())
+            for msg in list(self._held.values()):
+                await quietly(msg.in_progress())
 
     async def on_sync(self, msg: NatsMessage) -> bytes:
         intake = Intake(
@@ -269,11 +276,15 @@ class NatsSource:
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight items; returns how many were still running at the deadline
         (they stay unacked and are redelivered to whoever runs next)."""
-        if not self._tasks:
-            return 0
-        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        for task in pending:
-            task.cancel()
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+        if self._beat is not None:
+            self._beat.cancel()
+            await asyncio.gather(self._beat, return_exceptions=True)
+            self._beat = None
         return len(pending)
 
     @property
