@@ -403,10 +403,12 @@ class Pipeline:
     # -- endings --------------------------------------------------------------------------
 
     async def finish(self, outcome: Outcome, *, item: Item | None, intake: Intake) -> dict[str, Any]:
-        """Store (ok results), dead-letter (errors), then publish the result event."""
+        """Store (ok results) or dead-letter (errors), and publish the result event; the
+        two writes go out together and both are acknowledged before this returns."""
         event = result_event(outcome)
+        writes: list[Any] = []
         if outcome.ok:
-            await self.store.put(event, intake_seq=intake.seq)
+            writes.append(self.store.put(event, intake_seq=intake.seq))
             self.counters.ok += 1
         else:
             assert outcome.error is not None
@@ -423,7 +425,7 @@ class Pipeline:
                 failed_at=outcome.completed_at,
                 last_provider_message=outcome.last_message,
             )
-            await self.sink.dlq(entry, item_id=outcome.id, intake_seq=intake.seq)
+            writes.append(self.sink.dlq(entry, item_id=outcome.id, intake_seq=intake.seq))
             log.warning(
                 "item failed",
                 extra={
@@ -435,11 +437,14 @@ class Pipeline:
             )
         if intake.seq is not None:
             error_seq = None if outcome.ok else intake.seq
-            await self.sink.result(
-                event,
-                msg_id=result_msg_id(outcome.id, intake.handler, error_intake_seq=error_seq),
-                intake_seq=intake.seq,
+            writes.append(
+                self.sink.result(
+                    event,
+                    msg_id=result_msg_id(outcome.id, intake.handler, error_intake_seq=error_seq),
+                    intake_seq=intake.seq,
+                )
             )
+        await asyncio.gather(*writes)
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
