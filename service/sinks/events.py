@@ -51,8 +51,11 @@ async def keep_second_answer(
     ours = headers.get(INTAKE_SEQ_HEADER)
     if not getattr(ack, "duplicate", False) or ours is None:
         return
-    kept = await js.get_msg(subjects.stream("OUT"), ack.seq)
-    if (kept.headers or {}).get(INTAKE_SEQ_HEADER) == ours:
+    try:
+        kept = await js.get_msg(subjects.stream("OUT"), ack.seq)
+    except Exception:  # noqa: BLE001 - the kept event is gone (limits): ours is the one left
+        kept = None
+    if kept is not None and (kept.headers or {}).get(INTAKE_SEQ_HEADER) == ours:
         return
     again = {**headers, "Nats-Msg-Id": f"{headers['Nats-Msg-Id']}:dup:{ours}"}
     await js.publish(subject, payload, headers=again)
