@@ -731,6 +731,20 @@ class Batcher:
         self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
+        if not outcome.ok or log.isEnabledFor(logging.DEBUG):
+            log.log(
+                logging.WARNING if not outcome.ok else logging.DEBUG,
+                "item failed" if not outcome.ok else "item done",
+                extra={
+                    "item_id": data["id"],
+                    "handler": handler,
+                    "batch_id": record.batch_id,
+                    "attempts": outcome.attempts,
+                    "error_code": outcome.error.code if outcome.error else None,
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                },
+            )
         out: list[Message] = []
         event_json = dumps(event)
         if isinstance(action, Ok):
