@@ -111,7 +111,7 @@ def buffered_records(
     """(buffer subject token, record) as Pipeline._buffer writes them, for ``count`` items
     parsed and given their request bodies by the daemon's own pipeline."""
     from service.core.routing import BufferKey
-    from service.pipeline import Intake
+    from service.pipeline import Intake, buffer_record
 
     now = datetime.now(UTC)
     out = []
@@ -121,16 +121,7 @@ def buffered_records(
         )
         spec, item, body = pipeline.prepare(intake)
         key = BufferKey(pipeline.config.rules.provider, spec.endpoint, spec.model).subject_token()
-        record = {
-            "handler": item.handler,
-            "item": item.to_dict(),
-            "body": body,
-            "endpoint": spec.endpoint,
-            "model": spec.model,
-            "received_at": now.isoformat().replace("+00:00", "Z"),
-            "intake_seq": intake.seq,
-        }
-        out.append((key, record))
+        out.append((key, buffer_record(intake, item, spec, body)))
     return out
 
 

@@ -34,15 +34,7 @@ from service.core.batching import BatchPolicy, BufferState, flush_reason, take, 
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import ProviderError
-from service.core.events import (
-    Outcome,
-    cached_copy,
-    cached_msg_id,
-    dlq_entry,
-    iso,
-    result_event,
-    result_msg_id,
-)
+from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id, stored_answer
 from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
 from service.sinks.events import INTAKE_SEQ_HEADER, EventSink, Redactor, dumps, keep_second_answer
@@ -341,23 +333,20 @@ class Batcher:
                 keep_msgs.append(m)
                 keep_records.append(r)
                 continue
-            data, handler = r["item"], r["handler"]
-            if stored.intake_seq == r["intake_seq"]:
-                event, msg_id = stored.event, result_msg_id(data["id"], handler)
-            else:
-                received = datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
-                event = cached_copy(
-                    stored.event,
-                    metadata=data.get("metadata"),
-                    source=data.get("source"),
-                    received_at=received,
-                    completed_at=now,
-                )
-                msg_id = cached_msg_id(data["id"], handler, r["intake_seq"])
-                self.metrics.outcome(event, (now - received).total_seconds())
-            messages.append(
-                (self.subjects.out(handler), self.redact(dumps(event)).encode(), {"Nats-Msg-Id": msg_id})
+            received = datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
+            event, msg_id, cached = stored_answer(
+                stored.event,
+                stored.intake_seq,
+                intake_seq=r["intake_seq"],
+                metadata=r["item"].get("metadata"),
+                source=r["item"].get("source"),
+                received_at=received,
+                now=now,
             )
+            if cached:
+                self.metrics.outcome(event, (now - received).total_seconds())
+            payload = self.redact(dumps(event)).encode()
+            messages.append((self.subjects.out(r["handler"]), payload, {"Nats-Msg-Id": msg_id}))
             answered.append(m)
         await self._acked(await self._send_nowait(messages), messages)
         for m in answered:
@@ -459,6 +448,10 @@ class Batcher:
                 key = r.provider_status or r.state
                 by_status[key] = by_status.get(key, 0) + 1
         self.batches_by_status = by_status
+        if self.alerts is not None:  # the records are at hand: judge batch ages here
+            self.alerts.batch_ages(
+                (r.batch_id, r.created_at) for r in records if r.batch_id and r.state == "submitted"
+            )
         active = {r.flush_id for r in records if r.state in ACTIVE_STATES}
         self._inflight_keys = {k: f for k, f in self._inflight_keys.items() if f in active}
         for record in records:
@@ -775,7 +768,7 @@ class Batcher:
         headers = {"Nats-Msg-Id": msg_id}
         if event["status"] == "ok":
             headers[INTAKE_SEQ_HEADER] = str(item.get("intake_seq"))
-        if self._tracing:
+        if tracing.enabled(self.tracer):
             # The far side of the batch hop: continue the item's trace from its intake span.
             with self.tracer.start_as_current_span(
                 "enrich.batch.result",
@@ -788,10 +781,6 @@ class Batcher:
                 tracing.inject(headers)
         out.append((self.subjects.out(handler), self.redact(event_json).encode(), headers))
         return out
-
-    @property
-    def _tracing(self) -> bool:
-        return not isinstance(self.tracer, trace.NoOpTracer)
 
     async def _send_nowait(self, messages: list[Message]) -> list[Any]:
         return [await self.js.publish_async(s, p, headers=h or None) for s, p, h in messages]

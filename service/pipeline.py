@@ -23,15 +23,7 @@ from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.errors import BadItemError, EnrichError, ErrorInfo, InvalidOutputError, ProviderError
-from service.core.events import (
-    Outcome,
-    cached_copy,
-    cached_msg_id,
-    dlq_entry,
-    iso,
-    result_event,
-    result_msg_id,
-)
+from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id, stored_answer
 from service.core.items import Item, decode_object, item_from_object, salvage
 from service.core.routing import BatchRoute, BufferKey, RoutingRules, route
 from service.core.tokens import estimate_request_tokens
@@ -150,10 +142,6 @@ class Pipeline:
         self.budget_recheck_s = 60.0
         self._sync_flights: dict[tuple[str, str], asyncio.Future[dict[str, Any] | None]] = {}
 
-    @property
-    def tracing(self) -> bool:
-        return not isinstance(self.tracer, trace.NoOpTracer)
-
     # -- entry points -------------------------------------------------------------------
 
     async def process(self, intake: Intake, *, force_sync: bool = False) -> dict[str, Any] | None:
@@ -176,7 +164,7 @@ class Pipeline:
             stored = await self.store.get(item.handler, item.id)
             if stored is not None:
                 return await self._answer_from_store(intake, item, stored)
-        if self.tracing:
+        if tracing.enabled(self.tracer):
             trace.get_current_span().set_attributes(
                 tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
             )
@@ -492,37 +480,27 @@ class Pipeline:
         return await self.finish(outcome, item=item, intake=intake)
 
     async def _answer_from_store(self, intake: Intake, item: Item, stored: StoredResult) -> dict[str, Any]:
-        event = dict(stored.event)
-        if intake.seq is not None and stored.intake_seq == intake.seq:
-            # A redelivery of the very message that produced this result (we crashed after
-            # storing it): publish the original event again; JetStream dedups on Nats-Msg-Id.
-            await self.sink.result(event)
-            return event
-        event = cached_copy(
+        now = self.clock()
+        event, msg_id, cached = stored_answer(
             stored.event,
+            stored.intake_seq,
+            intake_seq=intake.seq,
             metadata=item.metadata,
             source=item.source,
             received_at=intake.received_at,
-            completed_at=self.clock(),
+            now=now,
         )
-        self.counters.cached += 1
         if intake.seq is not None:
-            await self.sink.result(event, msg_id=cached_msg_id(item.id, item.handler, intake.seq))
-        self.metrics.outcome(event, (self.clock() - intake.received_at).total_seconds())
+            await self.sink.result(event, msg_id=msg_id)
+        if cached:
+            self.counters.cached += 1
+            self.metrics.outcome(event, (now - intake.received_at).total_seconds())
         return event
 
     async def _buffer(
         self, intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], decision: BatchRoute
     ) -> None:
-        record = {
-            "handler": item.handler,
-            "item": item.to_dict(),
-            "body": body,
-            "endpoint": spec.endpoint,
-            "model": spec.model,
-            "received_at": result_event_time(intake.received_at),
-            "intake_seq": intake.seq,
-        }
+        record = buffer_record(intake, item, spec, body)
         attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
         with tracing.span(self.tracer, "enrich.buffer", attributes):
             # The batch hop: the result span will continue this trace (see service/tracing.py).
@@ -536,6 +514,20 @@ class Pipeline:
         failpoints.hit("after_buffer")  # buffered, intake not yet acked
         if self.on_buffered is not None:
             self.on_buffered()
+
+
+def buffer_record(intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any]) -> dict[str, Any]:
+    """What a batched item's buffer message holds: enough to send it in a batch and to
+    answer it later without the intake message."""
+    return {
+        "handler": item.handler,
+        "item": item.to_dict(),
+        "body": body,
+        "endpoint": spec.endpoint,
+        "model": spec.model,
+        "received_at": result_event_time(intake.received_at),
+        "intake_seq": intake.seq,
+    }
 
 
 def result_event_time(ts: datetime) -> str:

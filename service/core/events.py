@@ -121,6 +121,29 @@ def cached_msg_id(item_id: str, handler: str, intake_seq: int | None) -> str:
     return f"{item_id}:{handler}:cached:{intake_seq}"
 
 
+def stored_answer(
+    stored_event: dict[str, Any],
+    stored_intake_seq: int | None,
+    *,
+    intake_seq: int | None,
+    metadata: Any,
+    source: Any,
+    received_at: datetime,
+    now: datetime,
+) -> tuple[dict[str, Any], str, bool]:
+    """How an intake message is answered from the result store: (event, Nats-Msg-Id,
+    cached). A redelivery of the very message that produced the stored result (a crash
+    after storing it) publishes the original event again, deduplicated by its id; any
+    other message gets a ``cached`` copy under its own id."""
+    item_id, handler = stored_event["id"], stored_event["handler"]
+    if intake_seq is not None and stored_intake_seq == intake_seq:
+        return stored_event, result_msg_id(item_id, handler), False
+    event = cached_copy(
+        stored_event, metadata=metadata, source=source, received_at=received_at, completed_at=now
+    )
+    return event, cached_msg_id(item_id, handler, intake_seq), True
+
+
 def result_msg_id(item_id: str, handler: str, *, error_intake_seq: int | None = None) -> str:
     """``Nats-Msg-Id`` of a result event: ``<id>:<handler>`` (CONTRACT §1) for an ``ok``
     event. An ``error`` event adds ``:error:<intake seq>``: the same id may be sent again
