@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from service.core.alerts import Alert, AlertRules, AlertState
@@ -71,7 +72,7 @@ class Alerter:
             "kind": alert.kind,
             "key": alert.key,
             "message": alert.message,
-            "at": iso_now(now),
+            "at": iso(datetime.fromtimestamp(now, UTC)),
             "instance": self._instance,
             **alert.details,
         }
@@ -82,9 +83,3 @@ class Alerter:
             self.published += 1
         except Exception:  # noqa: BLE001 - an alert that cannot be sent is logged above
             log.exception("could not publish an alert", extra={"alert": alert.kind})
-
-
-def iso_now(unix_s: float) -> str:
-    from datetime import UTC, datetime
-
-    return iso(datetime.fromtimestamp(unix_s, UTC))

@@ -77,13 +77,14 @@ async def collect(settings: Settings) -> dict[str, Any]:
         finished = [r for r in records if r.state == "published" and r.status_changed_at >= day]
         dlq = await js.stream_info(subjects.stream("DLQ"))
         out_stream = await js.stream_info(subjects.stream("OUT"))
-        today, yesterday = await read_days(js, subjects.stream_suffix, datetime.now(UTC))
+        wall = datetime.now(UTC)
+        today, yesterday = await read_days(js, subjects.stream_suffix, wall)
         spent = sum(today["cost_usd"].values())
         return {
             "today": {
                 "cost_usd": {k: round(v, 6) for k, v in today["cost_usd"].items()},
                 "results": today["results"],
-                "items_per_hour": round(per_hour(today, yesterday, datetime.now(UTC)), 1),
+                "items_per_hour": round(per_hour(today, yesterday, wall), 1),
             },
             "budget": {
                 "daily_usd": settings.budget.daily_usd,

@@ -76,12 +76,13 @@ class Metrics:
             self.latency.record(latency_s, {"route": event["route"]})
 
 
-def otlp_metrics_configured() -> bool:
+def otlp_configured(signal: str) -> bool:
+    """Whether the standard variables point ``signal`` ("metrics", "traces") at an OTLP
+    endpoint: ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT``."""
     import os
 
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-    )
+    specific = f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(specific))
 
 
 def build(
@@ -90,7 +91,7 @@ def build(
     """Metrics for one daemon: (metrics, the registry ``/metrics`` serves or None, the
     provider to shut down). ``prometheus``: serve them on ``/metrics``; ``otlp`` (default:
     when ``OTEL_EXPORTER_OTLP_*`` is set): also push them over OTLP/HTTP."""
-    otlp = otlp_metrics_configured() if otlp is None else otlp
+    otlp = otlp_configured("metrics") if otlp is None else otlp
     if not prometheus and not otlp:
         return Metrics(NoOpMeterProvider().get_meter("enrichd")), None, None
 

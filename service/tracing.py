@@ -25,20 +25,16 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from service.telemetry import otlp_configured
+
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-
-def otlp_configured() -> bool:
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
 
 
 def build(service_name: str = "enrichd", exporter: Any = None) -> tuple[Tracer, Any]:
     """(tracer, provider or None). ``exporter``: a SpanExporter to add (exported as each
     span ends); OTLP is added when configured by the standard environment variables."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true" or (
-        exporter is None and not otlp_configured()
+        exporter is None and not otlp_configured("traces")
     ):
         return trace.NoOpTracer(), None
     from opentelemetry.sdk.resources import Resource
@@ -48,11 +44,16 @@ def build(service_name: str = "enrichd", exporter: Any = None) -> tuple[Tracer, 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    if otlp_configured():
+    if otlp_configured("traces"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider.get_tracer("enrichd"), provider
+
+
+def enabled(tracer: Tracer) -> bool:
+    """Whether spans from ``tracer`` are recorded (so worth building attributes for)."""
+    return not isinstance(tracer, trace.NoOpTracer)
 
 
 def span(
@@ -60,7 +61,7 @@ def span(
 ) -> AbstractContextManager[Any]:
     """``tracer.start_as_current_span``, or nothing at all when tracing is off (the
     attributes are only built when they will be recorded)."""
-    if isinstance(tracer, trace.NoOpTracer):
+    if not enabled(tracer):
         return nullcontext()
     return tracer.start_as_current_span(name, attributes=attributes() if attributes else None, **kwargs)
 
