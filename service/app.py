@@ -230,7 +230,6 @@ class Daemon:
             asyncio.create_task(self.batcher.flush_loop(), name="flush"),
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),
             asyncio.create_task(self.notifier.watchdog(self.is_ready), name="watchdog"),
-            asyncio.create_task(self._batch_age_loop(), name="batch-ages"),
             asyncio.create_task(self.stats.loop(), name="stats"),
         ]
         self.ready.set()
@@ -302,19 +301,6 @@ class Daemon:
         self.metrics.gauge(
             "enrichd.items.in_flight", "Intake items being processed by this replica", inflight
         )
-
-    async def _batch_age_loop(self) -> None:
-        """Every ``alerts.check_interval_s``: alert on batches in flight beyond their SLA."""
-        assert self.batcher is not None and self.alerts is not None
-        while not self._stop.is_set():
-            try:
-                records = await self.batcher.store.all()
-                self.alerts.batch_ages(
-                    (r.batch_id, r.created_at) for r in records if r.batch_id and r.state == "submitted"
-                )
-            except Exception:  # noqa: BLE001 - NATS trouble: try again next round
-                log.debug("batch age check failed", exc_info=True)
-            await asyncio.sleep(self.settings.alerts.check_interval_s)
 
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""

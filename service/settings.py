@@ -167,7 +167,6 @@ class AlertSettings(_Section):
     min_items: int = Field(20, ge=1)
     batch_sla_s: float = Field(24 * 3600.0, gt=0)
     cooldown_s: float = Field(900.0, ge=0)
-    check_interval_s: float = Field(60.0, gt=0)
 
 
 class EmulatorSettings(_Section):

@@ -40,7 +40,7 @@ async def test_batch_older_than_its_sla_is_alerted(make_daemon, nc, prefix, emul
     emulator.set_faults(FaultConfig(batch_delay_s=30))
     daemon = await make_daemon(
         batching={"max_wait_s": 0.2, "poll_interval_s": 0.2},
-        alerts={"batch_sla_s": 0.5, "check_interval_s": 0.2},
+        alerts={"batch_sla_s": 0.5},
     )
     js = nc.jetstream()
     await js.publish(f"{prefix}.in.tags", json.dumps({"id": "slow", "text": "a slow batch"}).encode())
