@@ -377,4 +377,5 @@ async def test_a_large_jsonl_goes_through_several_batches_and_comes_back_in_orde
     assert [i for i, e in enumerate(out) if e["status"] == "error"] == sorted(bad)
     assert [e["result"]["tags"] for e in out[:3]] and len(out) == count
     assert emulator.stats["batches_created"] >= 3
-    assert source.progress() == []
+    # the results file is written before the file's state is dropped (see FolderSource._finish)
+    await wait_for(lambda: source.progress() == [], "the file's state dropped after its results")
