@@ -58,6 +58,17 @@ class Sink(Protocol):
 
     async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None: ...
 
+    async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]: ...
+
+
+@dataclass(frozen=True)
+class BufferWrite:
+    """A batch-routed item's buffer message, ready to publish (see Pipeline.buffer_now)."""
+
+    subject_token: str
+    record: dict[str, Any]
+    msg_id: str
+
 
 class DeferError(Exception):
     """Not now: leave the message in NATS and try again after ``delay_s``."""
@@ -189,6 +200,42 @@ class Pipeline:
             flight.set_result(event)
             if self._sync_flights.get(key) is flight:
                 del self._sync_flights[key]
+
+    def buffer_now(self, intake: Intake) -> BufferWrite | None:
+        """Intake's fast path, with no I/O: when the item is good and routed to a batch
+        buffer (and no per-item span is wanted), its buffer message. The source then
+        publishes a whole fetch of them at once (:meth:`buffer_many`). None: the item
+        takes :meth:`process`, which also gives bad items their error event."""
+        if tracing.enabled(self.tracer):
+            return None
+        try:
+            spec, item, body = self.prepare(intake)
+        except BadItemError:
+            return None
+        decision = route(
+            item, endpoint=spec.endpoint, model=spec.model, rules=self.config.rules, now=self.clock()
+        )
+        if not isinstance(decision, BatchRoute):
+            return None
+        self.counters.received += 1
+        self.metrics.received.add(1, {"handler": intake.handler})
+        return BufferWrite(
+            decision.key.subject_token(),
+            buffer_record(intake, item, spec, body),
+            f"{item.handler}:{item.id}:{intake.seq}",
+        )
+
+    async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
+        """Publish buffer messages from :meth:`buffer_now`; True for each one JetStream
+        stored (only those intake messages may be acked)."""
+        stored = await self.sink.buffer_many(writes)
+        for ok in stored:
+            if ok:
+                self.counters.buffered += 1
+                failpoints.hit("after_buffer")  # buffered, intake not yet acked
+        if self.on_buffered is not None and any(stored):
+            self.on_buffered()
+        return stored
 
     async def _sync(
         self, intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], *, force_sync: bool

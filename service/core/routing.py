@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -30,8 +31,13 @@ class BufferKey:
 
     def subject_token(self) -> str:
         """The key as one NATS subject token (no dots, spaces or wildcards)."""
-        raw = f"{self.provider}|{self.endpoint}|{self.model}"
-        return "".join(c if c.isalnum() or c in "-_" else "_" for c in raw)
+        return _subject_token(self.provider, self.endpoint, self.model)
+
+
+@functools.cache
+def _subject_token(provider: str, endpoint: str, model: str) -> str:  # a handful of keys, once each
+    raw = f"{provider}|{endpoint}|{model}"
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in raw)
 
 
 Route = SyncRoute | BatchRoute

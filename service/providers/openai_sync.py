@@ -6,11 +6,12 @@ retry policy decides (service/core/retry.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import httpx2
 import openai
+import orjson
 from openai import AsyncOpenAI
 
 from service.core.cost import Usage
@@ -133,10 +134,12 @@ class OpenAISyncProvider:
                     raw: Any = await self._client.embeddings.with_raw_response.create(**body)
                     data: Any = raw.parse().model_dump(mode="json")
                 else:
-                    # The body as sent: building the SDK's model and dumping it again costs
-                    # more CPU than the rest of the sync path (bench/sync_path.py).
-                    raw = await self._client.chat.completions.with_raw_response.create(**body)
-                    data = json.loads(raw.content)
+                    # The body is already in wire form (handlers build it), so it goes out
+                    # through the SDK's generic post: same client, auth, timeout and error
+                    # classes, without re-transforming the parameters and building the
+                    # response model, which cost more CPU than the rest of the sync path.
+                    raw = await self._client.post("/chat/completions", cast_to=httpx2.Response, body=body)
+                    data = orjson.loads(raw.content)
             except Exception as exc:  # noqa: BLE001 - every failure is classified here
                 raise classify_exception(exc) from None
         if not isinstance(data, dict):

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from nats.js import JetStreamContext
 
 from service import tracing
 from service.core.events import result_msg_id
 from service.subjects import Subjects
+
+if TYPE_CHECKING:
+    from service.pipeline import BufferWrite
+
+log = logging.getLogger("enrichd.sink")
 
 
 class Redactor:
@@ -33,8 +40,12 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(obj: Any) -> str:
-    # One encoder for all: json.dumps with arguments builds a new one per call.
-    return _COMPACT.encode(obj)
+    """Compact JSON, UTF-8 kept as is. orjson for speed; ``json`` for what orjson refuses
+    (non-string keys, integers beyond 64 bits), so any payload ``json`` could write still goes out."""
+    try:
+        return orjson.dumps(obj).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return _COMPACT.encode(obj)
 
 
 INTAKE_SEQ_HEADER = "Enrichd-Intake-Seq"
@@ -113,3 +124,23 @@ class EventSink:
             self._subjects.buffer(key_token), dumps(record).encode(), headers={"Nats-Msg-Id": msg_id}
         )
         await asyncio.wait_for(future, self._timeout_s)
+
+    async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
+        """Publish many buffer messages at once and wait for their PubAcks together:
+        True for each one stored."""
+        futures = []
+        try:
+            for write in writes:
+                futures.append(
+                    await self._js.publish_async(
+                        self._subjects.buffer(write.subject_token),
+                        dumps(write.record).encode(),
+                        headers={"Nats-Msg-Id": write.msg_id},
+                    )
+                )
+        except Exception:  # noqa: BLE001 - the rest were not sent: they are not stored
+            log.warning("publishing buffer messages failed", exc_info=True)
+        if futures:
+            await asyncio.wait(futures, timeout=self._timeout_s)
+        stored = [f.done() and not f.cancelled() and f.exception() is None for f in futures]
+        return stored + [False] * (len(writes) - len(futures))

@@ -27,7 +27,7 @@ from service.aio import quietly
 from service.core.errors import EnrichError
 from service.core.events import Outcome, result_event
 from service.core.items import salvage
-from service.pipeline import DeferError, Intake, Pipeline
+from service.pipeline import BufferWrite, DeferError, Intake, Pipeline
 from service.sinks.events import Redactor, dumps
 from service.subjects import Subjects
 
@@ -63,6 +63,7 @@ class NatsSource:
         self._loop: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._held: dict[int, Msg] = {}  # in-flight intake messages, by id()
+        self._chunk_items = 0  # batch-routed messages whose buffer writes are in flight
         self._beat: asyncio.Task[None] | None = None
 
     def register(self) -> None:
@@ -111,7 +112,10 @@ class NatsSource:
                 continue
             await self._slots.acquire()  # wait for room before asking for more
             self._slots.release()
-            room = max(1, min(256, self._free_slots()))
+            if self._free_slots() <= 0:  # full of buffer writes in flight
+                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            room = min(256, self._free_slots())
             try:
                 msgs = await self._sub.fetch(room, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -124,11 +128,37 @@ class NatsSource:
                 log.warning("intake fetch failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
                 continue
-            for msg in msgs:
-                await self.on_intake(msg)
+            await self._take(msgs)
+
+    async def _take(self, msgs: list[Msg]) -> None:
+        """Batch-routed items of one fetch are published to their buffers together and
+        acked together once stored (one task for all of them); the rest get a task each."""
+        chunk: list[tuple[Msg, BufferWrite]] = []
+        for msg in msgs:
+            intake = self._intake(msg)
+            write = self._pipeline.buffer_now(intake)
+            if write is None:
+                await self._start(msg, intake)
+            else:
+                chunk.append((msg, write))
+        if chunk:
+            self._chunk_items += len(chunk)
+            task = asyncio.create_task(self._run_chunk(chunk), name=f"chunk-{len(chunk)}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_chunk(self, chunk: list[tuple[Msg, BufferWrite]]) -> None:
+        try:
+            stored = await self._pipeline.buffer_many([write for _, write in chunk])
+        finally:
+            self._chunk_items -= len(chunk)
+        for (msg, _), ok in zip(chunk, stored, strict=True):
+            # Not stored: JetStream redelivers the message a little later (the buffer's
+            # Nats-Msg-Id keeps a stored-but-unconfirmed write from doubling).
+            await quietly(msg.ack() if ok else msg.nak(delay=2.0))
 
     def _free_slots(self) -> int:
-        return self._max_inflight - len(self._tasks)
+        return self._max_inflight - len(self._tasks) - self._chunk_items
 
     async def stop_intake(self) -> None:
         """Stop pulling; in-flight items go on (see :meth:`drain`)."""
@@ -143,15 +173,17 @@ class NatsSource:
                 log.debug("intake unsubscribe failed", exc_info=True)
             self._sub = None
 
-    async def on_intake(self, msg: Msg) -> None:
+    def _intake(self, msg: Msg) -> Intake:
         meta = msg.metadata
-        intake = Intake(
+        return Intake(
             raw=msg.data,
             handler=msg.subject.removeprefix(self._subjects.intake_prefix),
             subject=msg.subject,
             received_at=meta.timestamp.astimezone(UTC) if meta.timestamp else datetime.now(UTC),
             seq=meta.sequence.stream,
         )
+
+    async def _start(self, msg: Msg, intake: Intake) -> None:
         await self._slots.acquire()
         task = asyncio.create_task(self._run(msg, intake), name=f"item-{intake.seq}")
         self._tasks.add(task)

@@ -228,3 +228,69 @@ async def test_same_id_sent_again_while_in_flight_is_paid_once_and_answered_twic
     assert sum(e["cached"] for e in got) == 15 and all(e["status"] == "ok" for e in got)
     assert all(e["cost_usd"] == 0 for e in got if e["cached"])
     assert emulator.stats["batch_lines_total"] == 20, "each item paid once"
+
+
+async def wait_until(check: Any, what: str, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_one_fetch_of_mixed_items_each_gets_its_own_ending(make_daemon, nc, prefix, emulator) -> None:
+    # Batch-routed items of one fetch are buffered together (NatsSource._take); urgent and
+    # bad items in the same fetch still take the per-item path.
+    daemon = await make_daemon(batching={"max_wait_s": 3600, "poll_interval_s": 0.3})
+    js = nc.jetstream()
+    subject = f"{prefix}.in.tags"
+    items = [{"id": f"q{i}", "text": f"queued {i}"} for i in range(30)]
+    futures = [await js.publish_async(subject, json.dumps(item).encode()) for item in items]
+    futures.append(await js.publish_async(subject, b"{not json"))
+    futures.append(
+        await js.publish_async(
+            subject, json.dumps({"id": "u1", "text": "now", "priority": "urgent"}).encode()
+        )
+    )
+    futures.append(await js.publish_async(subject, json.dumps({"id": "e1"}).encode()))  # no text
+    await asyncio.gather(*futures)
+    out = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 3))
+    assert sorted(e["status"] for e in out) == ["error", "error", "ok"]
+    assert {e["error"]["code"] for e in out if e["status"] == "error"} == {"invalid_json", "missing_text"}
+    assert {e["id"] for e in out if e["status"] == "ok"} == {"u1"}
+    buffer = daemon.subjects.stream("BUFFER")
+
+    async def all_buffered_and_acked() -> bool:
+        info = await js.consumer_info(daemon.subjects.stream("IN"), daemon.settings.nats.consumer)
+        return (await js.stream_info(buffer)).state.messages == 30 and info.num_ack_pending == 0
+
+    await wait_until(all_buffered_and_acked, "30 buffered items and every intake message acked")
+    assert daemon.pipeline.counters.buffered == 30
+
+
+async def test_a_refused_buffer_write_is_redelivered_and_buffered_once(make_daemon, nc, prefix) -> None:
+    from nats.js.api import DiscardPolicy
+
+    daemon = await make_daemon(batching={"max_wait_s": 3600, "poll_interval_s": 0.3})
+    js = nc.jetstream()
+    buffer = daemon.subjects.stream("BUFFER")
+    config = (await js.stream_info(buffer)).config
+    config.max_msgs, config.discard = 5, DiscardPolicy.NEW  # the buffer refuses all but 5
+    await js.update_stream(config)
+    await publish_many(js, f"{prefix}.in.tags", [{"id": f"r{i}", "text": f"refused {i}"} for i in range(20)])
+
+    async def five_stored_rest_refused() -> bool:
+        info = await js.consumer_info(daemon.subjects.stream("IN"), daemon.settings.nats.consumer)
+        return (await js.stream_info(buffer)).state.messages == 5 and info.num_redelivered > 0
+
+    await wait_until(five_stored_rest_refused, "the buffer to refuse writes and intake to redeliver them")
+    config.max_msgs = -1
+    await js.update_stream(config)
+
+    async def all_buffered_and_acked() -> bool:
+        info = await js.consumer_info(daemon.subjects.stream("IN"), daemon.settings.nats.consumer)
+        return (await js.stream_info(buffer)).state.messages == 20 and info.num_ack_pending == 0
+
+    await wait_until(all_buffered_and_acked, "every item buffered once the buffer has room", 30)
+    sub = await js.pull_subscribe(daemon.subjects.buffer_filter, stream=buffer)
+    records = [json.loads(m.data) for m in await sub.fetch(40, timeout=2)]
+    assert sorted(r["item"]["id"] for r in records) == sorted(f"r{i}" for i in range(20))
