@@ -12,7 +12,6 @@ Loops (named tasks owned by the daemon):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -29,6 +28,7 @@ from service import failpoints, telemetry, tracing
 from service.aio import reraise_if_cancelled
 from service.alerts import Alerter
 from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
+from service.core import fastjson
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
 from service.core.budget import seconds_until_next_day
@@ -298,7 +298,7 @@ class Batcher:
         is not paid twice for one item."""
         records, unique, seen, keys = [], [], set(), set()
         for m in msgs:
-            r = json.loads(m.data)
+            r = fastjson.loads(m.data)
             r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
             if r["cid"] in seen:
                 await m.ack()

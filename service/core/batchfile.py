@@ -5,11 +5,11 @@ failures with the same taxonomy as sync calls."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from service.core import fastjson
 from service.core.errors import ProviderError
 
 # Non-HTTP line errors: the request never ran, so it can simply run again.
@@ -26,7 +26,7 @@ def custom_id(handler: str, item_id: str, intake_seq: int | None) -> str:
 
 def encode_line(cid: str, url: str, body: dict[str, Any]) -> bytes:
     line = {"custom_id": cid, "method": "POST", "url": url, "body": body}
-    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return fastjson.dumps(line) + b"\n"
 
 
 def to_jsonl(requests: Iterable[tuple[str, dict[str, Any]]], *, url: str) -> bytes:
@@ -117,7 +117,7 @@ def _parse_many(lines: list[bytes]) -> Iterator[tuple[str, LineOutcome]]:
         if not raw.strip():
             continue
         try:
-            data = json.loads(raw)
+            data = fastjson.loads(raw)
         except ValueError:
             continue
         if isinstance(data, dict):

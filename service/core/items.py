@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import orjson
-
+from service.core import fastjson
 from service.core.errors import BadItemError
 
 Priority = Literal["urgent", "high", "normal", "low"]
@@ -78,15 +77,6 @@ def parse_deadline(value: Any) -> datetime:
     return parsed
 
 
-def _loads(raw: bytes, text: str) -> Any:
-    """orjson first (fast); ``json`` decides whenever orjson refuses, so what is accepted
-    (e.g. integers beyond 64 bits) and the error messages are ``json``'s."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
 def decode_object(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Bytes → JSON object, with the size, UTF-8 and JSON checks in contract order."""
     if len(raw) > max_bytes:
@@ -96,7 +86,7 @@ def decode_object(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BadItemError("invalid_utf8", f"body is not UTF-8 (byte {exc.start})") from None
     try:
-        data = _loads(raw, text)
+        data = fastjson.loads(text)
     except json.JSONDecodeError as exc:
         raise BadItemError("invalid_json", f"body is not JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(data, dict):

@@ -4,16 +4,15 @@ lifecycle events and buffered items. Every payload is scrubbed of secrets first.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from nats.js import JetStreamContext
 
 from service import tracing
+from service.core import fastjson
 from service.core.events import result_msg_id
 from service.subjects import Subjects
 
@@ -36,16 +35,9 @@ class Redactor:
         return text
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
 def dumps(obj: Any) -> str:
-    """Compact JSON, UTF-8 kept as is. orjson for speed; ``json`` for what orjson refuses
-    (non-string keys, integers beyond 64 bits), so any payload ``json`` could write still goes out."""
-    try:
-        return orjson.dumps(obj).decode()
-    except (TypeError, orjson.JSONEncodeError):
-        return _COMPACT.encode(obj)
+    """Compact JSON text, UTF-8 kept as is (see service/core/fastjson.py)."""
+    return fastjson.dumps(obj).decode()
 
 
 INTAKE_SEQ_HEADER = "Enrichd-Intake-Seq"

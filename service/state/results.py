@@ -13,6 +13,8 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from service.core import fastjson
+
 
 def store_key(handler: str, item_id: str) -> str:
     # KV keys allow [-/_=.A-Za-z0-9]; ids allow ':' and '.', which we escape reversibly.
@@ -38,13 +40,13 @@ class ResultStore:
             return None
         if entry.value is None:
             return None
-        data = json.loads(entry.value)
+        data = fastjson.loads(entry.value)
         return StoredResult(event=data["event"], intake_seq=data.get("intake_seq"))
 
     def put_message(self, event: dict[str, Any], *, intake_seq: int | None) -> tuple[str, bytes]:
         """Subject and payload of the KV put, for pipelined (publish_async) writes."""
-        value = json.dumps({"event": event, "intake_seq": intake_seq}, separators=(",", ":"))
-        return f"$KV.{self._bucket}.{store_key(event['handler'], event['id'])}", value.encode()
+        value = fastjson.dumps({"event": event, "intake_seq": intake_seq})
+        return f"$KV.{self._bucket}.{store_key(event['handler'], event['id'])}", value
 
     def put_message_json(
         self, handler: str, item_id: str, event_json: str, *, intake_seq: int | None
@@ -54,5 +56,5 @@ class ResultStore:
         return f"$KV.{self._bucket}.{store_key(handler, item_id)}", value.encode()
 
     async def put(self, event: dict[str, Any], *, intake_seq: int | None) -> None:
-        value = json.dumps({"event": event, "intake_seq": intake_seq}, separators=(",", ":"))
-        await self._kv.put(store_key(event["handler"], event["id"]), value.encode())
+        value = fastjson.dumps({"event": event, "intake_seq": intake_seq})
+        await self._kv.put(store_key(event["handler"], event["id"]), value)
