@@ -5,6 +5,7 @@ behind the ports passed in (provider, result store, event sink)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -65,6 +66,7 @@ class Sink(Protocol):
 class BufferWrite:
     """A batch-routed item's buffer message, ready to publish (see Pipeline.buffer_now)."""
 
+    handler: str
     subject_token: str
     record: dict[str, Any]
     msg_id: str
@@ -217,9 +219,8 @@ class Pipeline:
         )
         if not isinstance(decision, BatchRoute):
             return None
-        self.counters.received += 1
-        self.metrics.received.add(1, {"handler": intake.handler})
         return BufferWrite(
+            item.handler,
             decision.key.subject_token(),
             buffer_record(intake, item, spec, body),
             f"{item.handler}:{item.id}:{intake.seq}",
@@ -228,6 +229,9 @@ class Pipeline:
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish buffer messages from :meth:`buffer_now`; True for each one JetStream
         stored (only those intake messages may be acked)."""
+        self.counters.received += len(writes)
+        for handler, count in collections.Counter(w.handler for w in writes).items():
+            self.metrics.received.add(count, {"handler": handler})  # once per handler: ~6 µs a call
         stored = await self.sink.buffer_many(writes)
         for ok in stored:
             if ok:

@@ -155,7 +155,10 @@ class NatsSource:
         for (msg, _), ok in zip(chunk, stored, strict=True):
             # Not stored: JetStream redelivers the message a little later (the buffer's
             # Nats-Msg-Id keeps a stored-but-unconfirmed write from doubling).
-            await quietly(msg.ack() if ok else msg.nak(delay=2.0))
+            try:
+                await (msg.ack() if ok else msg.nak(delay=2.0))
+            except Exception as exc:  # noqa: BLE001 - unacked: redelivered, deduplicated
+                log.debug("ack/nak failed: %s", exc)
 
     def _free_slots(self) -> int:
         return self._max_inflight - len(self._tasks) - self._chunk_items
