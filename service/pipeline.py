@@ -212,7 +212,7 @@ class Pipeline:
             return None
         try:
             spec, item, body = self.prepare(intake)
-        except BadItemError:
+        except Exception:  # noqa: BLE001 - bad items (and anything unforeseen) go the full way
             return None
         decision = route(
             item, endpoint=spec.endpoint, model=spec.model, rules=self.config.rules, now=self.clock()

@@ -54,7 +54,8 @@ def default_id(handler: str, text: str, fields: dict[str, str]) -> str:
     canonical = json.dumps(
         {"text": text, "fields": fields}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return hashlib.sha256(f"{handler}\n{canonical}".encode()).hexdigest()
+    # surrogatepass: a lone surrogate (legal in a JSON string escape) still hashes
+    return hashlib.sha256(f"{handler}\n{canonical}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def raw_id(raw: bytes) -> str:
@@ -89,6 +90,10 @@ def decode_object(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
         data = fastjson.loads(text)
     except json.JSONDecodeError as exc:
         raise BadItemError("invalid_json", f"body is not JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise BadItemError(
+            "invalid_json", "body is not JSON this daemon can read: nested too deeply"
+        ) from None
     if not isinstance(data, dict):
         raise BadItemError("not_an_object", f"item must be a JSON object, got {type(data).__name__}")
     return data
@@ -161,7 +166,7 @@ def salvage(raw: bytes) -> tuple[str, dict[str, Any] | None, str | None]:
     """
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return raw_id(raw), None, None
     if not isinstance(data, dict):
         return raw_id(raw), None, None

@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 import httpx2
 import openai
-import orjson
 from openai import AsyncOpenAI
 
+from service.core import fastjson
 from service.core.cost import Usage
 from service.core.errors import ProviderError
 
@@ -139,7 +139,7 @@ class OpenAISyncProvider:
                     # classes, without re-transforming the parameters and building the
                     # response model, which cost more CPU than the rest of the sync path.
                     raw = await self._client.post("/chat/completions", cast_to=httpx2.Response, body=body)
-                    data = orjson.loads(raw.content)
+                    data = fastjson.loads(raw.content)
             except Exception as exc:  # noqa: BLE001 - every failure is classified here
                 raise classify_exception(exc) from None
         if not isinstance(data, dict):

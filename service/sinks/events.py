@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from nats.js import JetStreamContext
 
 from service import tracing
+from service.aio import reraise_if_cancelled
 from service.core import fastjson
 from service.core.events import result_msg_id
 from service.subjects import Subjects
@@ -131,8 +132,16 @@ class EventSink:
                     )
                 )
         except Exception:  # noqa: BLE001 - the rest were not sent: they are not stored
+            reraise_if_cancelled()  # nats-py turns a cancel while it waits into its own error
             log.warning("publishing buffer messages failed", exc_info=True)
-        if futures:
-            await asyncio.wait(futures, timeout=self._timeout_s)
-        stored = [f.done() and not f.cancelled() and f.exception() is None for f in futures]
+        try:
+            if futures:
+                await asyncio.wait(futures, timeout=self._timeout_s)
+        finally:
+            for future in futures:
+                # nats-py frees a publish_async slot only on a reply or a cancel: a PubAck
+                # lost in a reconnect must not hold its slot for ever
+                if not future.done():
+                    future.cancel()
+        stored = [not f.cancelled() and f.exception() is None for f in futures]
         return stored + [False] * (len(writes) - len(futures))

@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry.trace import SpanKind
 
 from service import tracing
-from service.aio import quietly
+from service.aio import quietly, reraise_if_cancelled
 from service.core.errors import EnrichError
 from service.core.events import Outcome, result_event
 from service.core.items import salvage
@@ -63,7 +63,8 @@ class NatsSource:
         self._loop: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._held: dict[int, Msg] = {}  # in-flight intake messages, by id()
-        self._chunk_items = 0  # batch-routed messages whose buffer writes are in flight
+        self._chunks: dict[asyncio.Task[None], int] = {}  # buffer-write tasks: their messages
+        self._chunk_items = 0  # messages in those tasks
         self._beat: asyncio.Task[None] | None = None
 
     def register(self) -> None:
@@ -103,55 +104,79 @@ class NatsSource:
         self._beat = asyncio.create_task(self._heartbeats(), name="intake-heartbeat")
 
     async def _pull_loop(self) -> None:
+        while True:
+            try:
+                await self._pull_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any one failure, or intake stops
+                reraise_if_cancelled()
+                log.exception("intake round failed; going on")
+                await asyncio.sleep(1.0)
+
+    async def _pull_once(self) -> None:
         assert self._sub is not None
         loop = asyncio.get_running_loop()
-        while True:
-            pause = self._paused_until - loop.time()
-            if pause > 0:  # work is waiting for the budget: leave the rest in NATS
-                await asyncio.sleep(min(pause, 5.0))
-                continue
-            await self._slots.acquire()  # wait for room before asking for more
-            self._slots.release()
-            if self._free_slots() <= 0:  # full of buffer writes in flight
+        pause = self._paused_until - loop.time()
+        if pause > 0:  # work is waiting for the budget: leave the rest in NATS
+            await asyncio.sleep(min(pause, 5.0))
+            return
+        await self._slots.acquire()  # wait for room before asking for more
+        self._slots.release()
+        if self._free_slots() <= 0:  # full of buffer writes in flight
+            if self._tasks:
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-                continue
-            room = min(256, self._free_slots())
-            try:
-                msgs = await self._sub.fetch(room, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (
-                nats.errors.ConnectionClosedError,
-                nats.errors.ConnectionReconnectingError,
-                nats.js.errors.ServiceUnavailableError,
-            ) as exc:
-                log.warning("intake fetch failed; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(1.0)
-                continue
-            await self._take(msgs)
+            return
+        room = min(256, self._free_slots())
+        try:
+            msgs = await self._sub.fetch(room, timeout=1.0)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.js.errors.ServiceUnavailableError,
+        ) as exc:
+            log.warning("intake fetch failed; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(1.0)
+            return
+        await self._take(msgs)
 
     async def _take(self, msgs: list[Msg]) -> None:
         """Batch-routed items of one fetch are published to their buffers together and
         acked together once stored (one task for all of them); the rest get a task each."""
         chunk: list[tuple[Msg, BufferWrite]] = []
         for msg in msgs:
-            intake = self._intake(msg)
-            write = self._pipeline.buffer_now(intake)
-            if write is None:
-                await self._start(msg, intake)
-            else:
-                chunk.append((msg, write))
+            try:
+                intake = self._intake(msg)
+                write = self._pipeline.buffer_now(intake)
+                if write is None:
+                    await self._start(msg, intake)
+                else:
+                    chunk.append((msg, write))
+            except Exception:  # noqa: BLE001 - one message must not stop the others
+                reraise_if_cancelled()
+                log.exception("intake message not taken; it will be redelivered")
+                await quietly(msg.nak(delay=2.0))
         if chunk:
-            self._chunk_items += len(chunk)
             task = asyncio.create_task(self._run_chunk(chunk), name=f"chunk-{len(chunk)}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._chunks[task] = len(chunk)
+            self._chunk_items += len(chunk)
+            task.add_done_callback(self._chunk_done)
+
+    def _chunk_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._chunk_items -= self._chunks.pop(task, 0)
 
     async def _run_chunk(self, chunk: list[tuple[Msg, BufferWrite]]) -> None:
+        for msg, _ in chunk:  # the heartbeat keeps them ours while their PubAcks are awaited
+            self._held[id(msg)] = msg
         try:
             stored = await self._pipeline.buffer_many([write for _, write in chunk])
         finally:
-            self._chunk_items -= len(chunk)
+            for msg, _ in chunk:
+                self._held.pop(id(msg), None)
         for (msg, _), ok in zip(chunk, stored, strict=True):
             # Not stored: JetStream redelivers the message a little later (the buffer's
             # Nats-Msg-Id keeps a stored-but-unconfirmed write from doubling).
@@ -161,7 +186,7 @@ class NatsSource:
                 log.debug("ack/nak failed: %s", exc)
 
     def _free_slots(self) -> int:
-        return self._max_inflight - len(self._tasks) - self._chunk_items
+        return self._max_inflight - self.inflight
 
     async def stop_intake(self) -> None:
         """Stop pulling; in-flight items go on (see :meth:`drain`)."""
@@ -314,14 +339,16 @@ class NatsSource:
         pending: set[asyncio.Task[None]] = set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
-            for task in pending:
-                task.cancel()
+        unfinished = sum(self._chunks.get(task, 1) for task in pending)
+        for task in pending:
+            task.cancel()
         if self._beat is not None:
             self._beat.cancel()
             await asyncio.gather(self._beat, return_exceptions=True)
             self._beat = None
-        return len(pending)
+        return unfinished
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        """Intake messages being worked on (each one of a buffer-write task counts)."""
+        return len(self._tasks) - len(self._chunks) + self._chunk_items

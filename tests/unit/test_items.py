@@ -95,3 +95,39 @@ def test_every_error_code_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "errors.md").read_text()
     for code in ALL_CODES:
         assert f"`{code}`" in doc, f"docs/errors.md does not document {code}"
+
+
+def test_items_json_reads_but_utf8_cannot_still_parse_and_hash() -> None:
+    # A lone surrogate is legal in a JSON string escape and not in UTF-8.
+    item = parse_item(b'{"text": "a \\ud800 b"}', "tags", max_bytes=10_000)
+    assert item.text == "a \ud800 b" and len(item.id) == 64
+    big = parse_item(
+        b'{"id": "n1", "text": "x", "metadata": {"n": 123456789012345678901234567890}}',
+        "tags",
+        max_bytes=10_000,
+    )
+    assert big.metadata == {"n": 123456789012345678901234567890}  # not rounded to a float
+
+
+def test_nesting_too_deep_is_invalid_json_not_a_crash() -> None:
+    raw = b'{"text": "x", "metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    with pytest.raises(BadItemError) as err:
+        parse_item(raw, "tags", max_bytes=100_000)
+    assert err.value.code == "invalid_json"
+    assert salvage(raw)[0].startswith("raw-")
+
+
+def test_fastjson_round_trips_what_json_accepts() -> None:
+    from service.core import fastjson
+
+    for text in ['{"a":1.5e-05,"b":"é"}', '{"n":123456789012345678901234567890}', '{"s":"\\ud800"}', "[NaN]"]:
+        value = fastjson.loads(text)
+        again = json.loads(fastjson.dumps(value))  # strict JSON back out (NaN becomes null)
+        expected = json.loads(text)
+        if text == "[NaN]":
+            assert again == [None]
+        else:
+            assert again == expected
+    assert fastjson.dumps({1: "x"}) == b'{"1":"x"}'
+    with pytest.raises(json.JSONDecodeError):
+        fastjson.loads(b"{not json")
