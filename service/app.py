@@ -8,7 +8,6 @@ import asyncio
 import logging
 import signal
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from faststream.nats import NatsBroker
@@ -19,7 +18,7 @@ from service.alerts import Alerter
 from service.batcher import Batcher
 from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
-from service.core.budget import Caps
+from service.core.budget import Caps, exceeded_events
 from service.core.events import iso
 from service.core.ratelimit import Limits
 from service.core.retry import RetryPolicy
@@ -270,60 +269,26 @@ class Daemon:
         )
 
     def _register_gauges(self) -> None:
-        batcher, source = self.batcher, self
-
-        def buffers() -> list[tuple[float, dict[str, str]]]:
-            assert batcher is not None
-            return [
-                (float(st.count), {"buffer": subject.rsplit(".", 1)[-1]})
-                for subject, st in batcher.last_buffers.items()
-            ]
-
-        def oldest() -> list[tuple[float, dict[str, str]]]:
-            assert batcher is not None
-            now = datetime.now(UTC)
-            return [
-                ((now - st.oldest).total_seconds(), {"buffer": subject.rsplit(".", 1)[-1]})
-                for subject, st in batcher.last_buffers.items()
-                if st.oldest is not None
-            ]
-
-        def batches() -> list[tuple[float, dict[str, str]]]:
-            assert batcher is not None
-            return [(float(n), {"status": status}) for status, n in batcher.batches_by_status.items()]
-
-        def inflight() -> list[tuple[float, dict[str, str]]]:
-            return [(float(source._source.inflight if source._source else 0), {})]
-
-        self.metrics.gauge("enrichd.buffer.items", "Items waiting in each batch buffer", buffers)
-        self.metrics.gauge("enrichd.buffer.oldest_age", "Age in seconds of the oldest buffered item", oldest)
-        self.metrics.gauge("enrichd.batches.in_flight", "Provider batches in flight, by status", batches)
-        self.metrics.gauge(
-            "enrichd.items.in_flight", "Intake items being processed by this replica", inflight
+        assert self.batcher is not None
+        telemetry.register_state_gauges(
+            self.metrics, self.batcher, lambda: self._source.inflight if self._source else 0
         )
 
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""
         assert self.pipeline is not None
-        body = {
-            "day": day,
-            "scope": scope,
-            "cap_usd": cap_usd,
-            "spent_usd": round(spent_usd, 8),
-            "at": iso(self.clock()),
-        }
+        body, alert = exceeded_events(
+            day=day,
+            scope=scope,
+            cap_usd=cap_usd,
+            spent_usd=spent_usd,
+            at=iso(self.clock()),
+            instance=self.settings.instance,
+        )
         log.warning("budget exceeded: new work waits for the next budget day", extra=body)
         sink = self.pipeline.sink
         await sink.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")  # type: ignore[attr-defined]
-        alert = {
-            "kind": "budget_exceeded",
-            "key": scope,
-            "message": f"daily budget {scope} spent: ${spent_usd:.4f} of ${cap_usd:.4f} on {day}",
-            "instance": self.settings.instance,
-        }
-        await sink.lifecycle(  # type: ignore[attr-defined]
-            "alert", {**alert, **body}, msg_id=f"{day}:{scope}:budget-alert"
-        )
+        await sink.lifecycle("alert", alert, msg_id=f"{day}:{scope}:budget-alert")  # type: ignore[attr-defined]
 
     async def _on_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
         """Cancel a batch on the operator's request; its items end when the provider

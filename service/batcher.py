@@ -797,17 +797,7 @@ class Batcher:
                 await keep_second_answer(self.js, self.subjects, ack, subject, payload, headers)
 
     def _event_body(self, record: BatchRecord) -> dict[str, Any]:
-        return {
-            "batch_id": record.batch_id,
-            "flush_id": record.flush_id,
-            "model": record.model,
-            "endpoint": record.endpoint,
-            "items": record.count,
-            "tokens": record.tokens,
-            "request_counts": record.request_counts,
-            "status": record.provider_status,
-            "at": iso(datetime.now(UTC)),
-        }
+        return record.event_body(iso(datetime.now(UTC)))
 
     async def close(self) -> None:
         """Release the buffer subscriptions (a pending pull would stall the NATS drain)."""

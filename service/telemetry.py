@@ -4,8 +4,9 @@ rest of the daemon records through :class:`Metrics` (a no-op when metrics are of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeterProvider, Observation
 from prometheus_client import CollectorRegistry
@@ -74,6 +75,55 @@ class Metrics:
                 self.cost.add(event["cost_usd"], model_attrs)
         if latency_s is not None:
             self.latency.record(latency_s, {"route": event["route"]})
+
+
+class BufferView(Protocol):
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def oldest(self) -> datetime | None: ...
+
+
+class BatcherView(Protocol):
+    """What the state gauges read from the batcher (its last observations)."""
+
+    @property
+    def last_buffers(self) -> Mapping[str, BufferView]: ...
+
+    @property
+    def batches_by_status(self) -> Mapping[str, int]: ...
+
+
+def register_state_gauges(metrics: Metrics, batcher: BatcherView, inflight: Callable[[], int]) -> None:
+    """Buffers (items, oldest age), batches in flight by status and intake items in flight,
+    read at scrape time."""
+
+    def buffers() -> list[tuple[float, dict[str, str]]]:
+        return [
+            (float(st.count), {"buffer": subject.rsplit(".", 1)[-1]})
+            for subject, st in batcher.last_buffers.items()
+        ]
+
+    def oldest() -> list[tuple[float, dict[str, str]]]:
+        now = datetime.now(UTC)
+        return [
+            ((now - st.oldest).total_seconds(), {"buffer": subject.rsplit(".", 1)[-1]})
+            for subject, st in batcher.last_buffers.items()
+            if st.oldest is not None
+        ]
+
+    def batches() -> list[tuple[float, dict[str, str]]]:
+        return [(float(n), {"status": status}) for status, n in batcher.batches_by_status.items()]
+
+    metrics.gauge("enrichd.buffer.items", "Items waiting in each batch buffer", buffers)
+    metrics.gauge("enrichd.buffer.oldest_age", "Age in seconds of the oldest buffered item", oldest)
+    metrics.gauge("enrichd.batches.in_flight", "Provider batches in flight, by status", batches)
+    metrics.gauge(
+        "enrichd.items.in_flight",
+        "Intake items being processed by this replica",
+        lambda: [(float(inflight()), {})],
+    )
 
 
 def otlp_configured(signal: str) -> bool:

@@ -38,3 +38,24 @@ class Caps:
 
 def fits(spent_usd: float, cost_usd: float, cap_usd: float) -> bool:
     return spent_usd + cost_usd <= cap_usd + 1e-12
+
+
+def exceeded_events(
+    *, day: str, scope: str, cap_usd: float, spent_usd: float, at: str, instance: str
+) -> tuple[dict[str, object], dict[str, object]]:
+    """The ``budget.exceeded`` payload and the ``alert`` that goes with it."""
+    body: dict[str, object] = {
+        "day": day,
+        "scope": scope,
+        "cap_usd": cap_usd,
+        "spent_usd": round(spent_usd, 8),
+        "at": at,
+    }
+    alert: dict[str, object] = {
+        "kind": "budget_exceeded",
+        "key": scope,
+        "message": f"daily budget {scope} spent: ${spent_usd:.4f} of ${cap_usd:.4f} on {day}",
+        "instance": instance,
+        **body,
+    }
+    return body, alert

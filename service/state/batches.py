@@ -71,6 +71,20 @@ class BatchRecord:
     def holds_seq(self, seq: int) -> bool:
         return any(a <= seq <= b for a, b in self.buffer_ranges)
 
+    def event_body(self, at: str) -> dict[str, Any]:
+        """The common part of the ``enrich.events.batch.*`` payloads (``at``: RFC 3339)."""
+        return {
+            "batch_id": self.batch_id,
+            "flush_id": self.flush_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "items": self.count,
+            "tokens": self.tokens,
+            "request_counts": self.request_counts,
+            "status": self.provider_status,
+            "at": at,
+        }
+
 
 def seq_ranges(seqs: list[int]) -> list[list[int]]:
     """Compress sorted stream sequences into inclusive ranges."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,9 +15,10 @@ from referencing.jsonschema import DRAFT202012
 
 from service import schemas
 from service.asyncapi import build_document, render
+from service.core.budget import exceeded_events
 from service.core.cost import Usage
 from service.core.errors import BadItemError, ErrorInfo
-from service.core.events import Outcome, dlq_entry, result_event
+from service.core.events import Outcome, dlq_entry, iso, result_event
 from service.core.items import parse_item
 from service.subjects import Subjects
 
@@ -209,11 +209,9 @@ def _batch_record() -> Any:
 
 
 def test_batch_events_match_schema(doc: dict[str, Any]) -> None:
-    # The body is built by Batcher._event_body (which reads only the record) and extended
-    # with counts (published batches) or a reason (a flush to resubmit); see batcher.py.
-    from service.batcher import Batcher
-
-    body = Batcher._event_body(SimpleNamespace(), _batch_record())  # type: ignore[arg-type]
+    # The body is the record's event_body, extended with counts (published batches) or a
+    # reason (a flush to resubmit); see batcher.py.
+    body = _batch_record().event_body(iso(T1))
     counts = {"ok": 2, "error": 1, "retried": 0}
     assert_valid(doc, "BatchEvent", body)
     for topic in ("batch.completed", "batch.expired", "batch.cancelled", "batch.failed"):
@@ -223,23 +221,14 @@ def test_batch_events_match_schema(doc: dict[str, Any]) -> None:
     assert list(validator(doc, "BatchFinishedEvent").iter_errors(body)), "counts are required"
 
 
-async def test_budget_events_match_schema(doc: dict[str, Any]) -> None:
-    # Daemon._budget_exceeded builds both payloads; run it with a sink that records them.
-    from service.app import Daemon
-
-    published: dict[str, dict[str, Any]] = {}
-
-    class Sink:
-        async def lifecycle(self, topic: str, payload: dict[str, Any], *, msg_id: str | None = None) -> None:
-            published[topic] = payload
-
-    fake = SimpleNamespace(
-        pipeline=SimpleNamespace(sink=Sink()), clock=lambda: T1, settings=SimpleNamespace(instance="host-1")
+def test_budget_events_match_schema(doc: dict[str, Any]) -> None:
+    # What Daemon._budget_exceeded publishes (the integration test in test_budget.py reads
+    # them off the stream).
+    body, alert = exceeded_events(
+        day="20261122", scope="all", cap_usd=5.0, spent_usd=5.0000001, at=iso(T1), instance="host-1"
     )
-    await Daemon._budget_exceeded(fake, "20261122", "all", 5.0, 5.0000001)  # type: ignore[arg-type]
-    assert set(published) == {"budget.exceeded", "alert"}
-    assert_valid(doc, "BudgetExceededEvent", published["budget.exceeded"])
-    assert_valid(doc, "AlertEvent", published["alert"])
+    assert_valid(doc, "BudgetExceededEvent", body)
+    assert_valid(doc, "AlertEvent", alert)
 
 
 # -- the item schema agrees with the parser --------------------------------------------------

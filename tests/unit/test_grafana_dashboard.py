@@ -2,7 +2,7 @@
 
 The exported names are scraped, not listed: the daemon's own instruments
 (``service.telemetry.build``) each record one value, the gauges are registered by the
-daemon's own ``Daemon._register_gauges`` over a stand-in batcher, and the registry
+daemon's own ``telemetry.register_state_gauges`` over a stand-in batcher, and the registry
 ``/metrics`` serves is rendered with ``prometheus_client.generate_latest``.
 """
 
@@ -45,7 +45,6 @@ PROMQL_WORDS = {
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
     """Sample name → its label names, as the daemon's /metrics renders them."""
-    from service.app import Daemon
 
     metrics, registry, provider = telemetry.build(True)
     assert registry is not None
@@ -68,14 +67,10 @@ def exported() -> dict[str, set[str]]:
             1.5,
         )
         buffer = SimpleNamespace(count=3, bytes=300, oldest=datetime.now(UTC) - timedelta(seconds=5))
-        daemon = SimpleNamespace(
-            metrics=metrics,
-            batcher=SimpleNamespace(
-                last_buffers={"enrich._buffer.tok": buffer}, batches_by_status={"in_progress": 1}
-            ),
-            _source=SimpleNamespace(inflight=2),
+        batcher = SimpleNamespace(
+            last_buffers={"enrich._buffer.tok": buffer}, batches_by_status={"in_progress": 1}
         )
-        Daemon._register_gauges(daemon)  # type: ignore[arg-type]
+        telemetry.register_state_gauges(metrics, batcher, lambda: 2)
         text = generate_latest(registry).decode()
     finally:
         provider.shutdown()
