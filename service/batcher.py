@@ -635,9 +635,11 @@ class Batcher:
         previous: tuple[list[Any], list[Message], int] | None = None
         for begin in range(start, len(items), self.results_chunk):
             chunk = range(begin, min(begin + self.results_chunk, len(items)))
-            pending = []
+            pending: list[Message] = []
+            observed: list[tuple[dict[str, Any], float | None]] = []
             for index in chunk:
-                pending.extend(self._messages(record, items[index], actions[index]))
+                pending.extend(self._messages(record, items[index], actions[index], observed))
+            self.metrics.outcomes(observed)
             futures = await self._send_nowait(pending)
             failpoints.hit("mid_publish")  # published, not yet checkpointed
             if previous is not None:
@@ -689,8 +691,16 @@ class Batcher:
             count = sum(1 for it in items if it["handler"] == handler)
             await self.ledger.correct(record.budget_day, handler, "batch", usd - reserved_share * count)
 
-    def _messages(self, record: BatchRecord, item: dict[str, Any], action: Action) -> list[Message]:
-        """The JetStream messages one item's action produces (result, DLQ, KV, buffer)."""
+    def _messages(
+        self,
+        record: BatchRecord,
+        item: dict[str, Any],
+        action: Action,
+        observed: list[tuple[dict[str, Any], float | None]] | None = None,
+    ) -> list[Message]:
+        """The JetStream messages one item's action produces (result, DLQ, KV, buffer).
+        The result event and its latency go to ``observed`` for the metrics (recorded a
+        chunk at a time), or are recorded at once when it is None."""
         data = item["item"]
         handler = item["handler"]
         if isinstance(action, Retry):
@@ -721,7 +731,11 @@ class Batcher:
             error=action.error if isinstance(action, Fail) else None,
         )
         event = result_event(outcome)
-        self.metrics.outcome(event, (outcome.completed_at - outcome.received_at).total_seconds())
+        latency_s = (outcome.completed_at - outcome.received_at).total_seconds()
+        if observed is None:
+            self.metrics.outcome(event, latency_s)
+        else:
+            observed.append((event, latency_s))
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
         if not outcome.ok or log.isEnabledFor(logging.DEBUG):

@@ -54,27 +54,45 @@ class Metrics:
         self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
 
     def outcome(self, event: dict[str, Any], latency_s: float | None) -> None:
-        attrs = {
-            "handler": event["handler"],
-            "route": event["route"],
-            "status": event["status"],
-            "cached": str(bool(event.get("cached"))).lower(),
-        }
-        self.completed.add(1, attrs)
-        for listener in self.listeners:
-            listener(event)
-        if event["status"] == "error" and event.get("error"):
-            self.dead_letters.add(1, {"handler": event["handler"], "code": event["error"]["code"]})
-        usage = event.get("usage") or {}
-        if not event.get("cached") and event.get("model"):
-            model_attrs = {"model": event["model"], "route": event["route"]}
-            for direction in ("input", "output"):
-                if usage.get(f"{direction}_tokens"):
-                    self.tokens.add(usage[f"{direction}_tokens"], {**model_attrs, "direction": direction})
-            if event.get("cost_usd"):
-                self.cost.add(event["cost_usd"], model_attrs)
-        if latency_s is not None:
-            self.latency.record(latency_s, {"route": event["route"]})
+        self.outcomes([(event, latency_s)])
+
+    def outcomes(self, observed: Iterable[tuple[dict[str, Any], float | None]]) -> None:
+        """Record result events (with their intake-to-result latency). Counters are summed
+        per attribute set first: one OTel ``add`` costs ~6 µs, and a batch publishes
+        thousands of results at once."""
+        sums: dict[tuple[Any, frozenset[tuple[str, str]]], float] = {}
+
+        def add(counter: Any, value: float, attrs: dict[str, str]) -> None:
+            key = (counter, frozenset(attrs.items()))
+            sums[key] = sums.get(key, 0) + value
+
+        for event, latency_s in observed:
+            route = event["route"]
+            cached = bool(event.get("cached"))
+            attrs = {
+                "handler": event["handler"],
+                "route": route,
+                "status": event["status"],
+                "cached": "true" if cached else "false",
+            }
+            add(self.completed, 1, attrs)
+            for listener in self.listeners:
+                listener(event)
+            if event["status"] == "error" and event.get("error"):
+                add(self.dead_letters, 1, {"handler": event["handler"], "code": event["error"]["code"]})
+            usage = event.get("usage") or {}
+            if not cached and event.get("model"):
+                model_attrs = {"model": event["model"], "route": route}
+                for direction in ("input", "output"):
+                    count = usage.get(f"{direction}_tokens")
+                    if count:
+                        add(self.tokens, count, {**model_attrs, "direction": direction})
+                if event.get("cost_usd"):
+                    add(self.cost, event["cost_usd"], model_attrs)
+            if latency_s is not None:
+                self.latency.record(latency_s, {"route": route})
+        for (counter, frozen), value in sums.items():
+            counter.add(value, dict(frozen))
 
 
 class BufferView(Protocol):
