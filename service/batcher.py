@@ -103,6 +103,7 @@ class Batcher:
         # (handler, item id) of the items in this replica's flushes not yet published:
         # later messages with the same key wait for the answer instead of paying again.
         self._inflight_keys: dict[tuple[str, str], str] = {}
+        self._advancing: set[str] = set()  # flush ids this replica is submitting or following
         self.metrics: Metrics = telemetry.build(False)[0]
         self.alerts: Alerter | None = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
@@ -215,6 +216,9 @@ class Batcher:
                 trace.get_current_span().set_attributes(
                     {"enrichd.flush_id": record.flush_id, "enrichd.items": record.count}
                 )
+                # Submitted once _flush has returned: the fetched messages and their
+                # decoded records are released before the flush is read back and uploaded.
+                await self._advance(record)
             return record
 
     async def _flush(self, subject: str) -> BatchRecord | None:
@@ -229,7 +233,7 @@ class Batcher:
             for m in msgs:
                 await (m.ack() if existing.holds_seq(m.metadata.sequence.stream) else m.nak())
             return None
-        msgs, records = await self._unique(msgs)
+        msgs, records, encoded = await self._unique(msgs)
         if msgs:
             msgs, records = await self._answer_stored(msgs, records)
         if not msgs:
@@ -238,10 +242,12 @@ class Batcher:
             self._blocked_until[subject] = time.monotonic() + self.poll_interval_s
             return None
         seqs = [m.metadata.sequence.stream for m in msgs]
-        lines = [encode_line(r["cid"], r["endpoint"], r["body"]) for r in records]
-        self._avg_bytes = 0.8 * self._avg_bytes + 0.2 * (sum(len(x) for x in lines) / len(lines))
-        tokens = [estimate_request_tokens(r["body"]) for r in records]
-        n = await self._within_budget(records, tokens, self._fit(lines, tokens))
+        stored = [encoded[r["cid"]][0] for r in records]
+        sizes = [encoded[r["cid"]][1] for r in records]
+        tokens = [encoded[r["cid"]][2] for r in records]
+        del encoded
+        self._avg_bytes = 0.8 * self._avg_bytes + 0.2 * (sum(sizes) / len(sizes))
+        n = await self._within_budget(records, tokens, self._fit(sizes, tokens))
         keep, later = msgs[:n], msgs[n:]
         kept = records[:n]
         first = records[0]
@@ -265,7 +271,7 @@ class Batcher:
             state="prepared",
             created_at=time.time(),
             count=n,
-            size_bytes=sum(len(x) for x in lines[:n]),
+            size_bytes=sum(sizes[:n]),
             tokens=sum(tokens[:n]),
             buffer_ranges=seq_ranges(seqs[:n]),
             owner=self.instance_id,
@@ -274,7 +280,7 @@ class Batcher:
             budget_day=day,
             reserved_usd=reserved,
         )
-        await self.store.put_items(flush_id, [dumps(r).encode() + b"\n" for r in kept])
+        await self.store.put_items(flush_id, stored[:n])
         await self.store.create(record)
         for r in kept:
             self._inflight_keys[(r["handler"], r["item"]["id"])] = flush_id
@@ -287,16 +293,22 @@ class Batcher:
             "flush written",
             extra={"flush_id": flush_id, "items": n, "tokens": record.tokens, "left_in_buffer": len(later)},
         )
-        await self._advance(record)
         return record
 
-    async def _unique(self, msgs: list[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
+    async def _unique(
+        self, msgs: list[Any]
+    ) -> tuple[list[Any], list[dict[str, Any]], dict[str, tuple[bytes, int, int]]]:
         """Decode buffered records. The same intake message buffered twice is sent once.
         Another message with the same (handler, id) as one in this flush, or as one in a
         flush of this replica still in flight, is held back in the buffer: once the first
         one's answer is stored it is answered from the store (``cached``), so the provider
-        is not paid twice for one item."""
+        is not paid twice for one item.
+
+        Each record's request body is encoded as it is decoded (:func:`encode_for_flush`,
+        by custom id) and dropped: decoded, the bodies of a whole flush would be most of
+        the memory the flush holds."""
         records, unique, seen, keys = [], [], set(), set()
+        encoded: dict[str, tuple[bytes, int, int]] = {}
         for m in msgs:
             r = fastjson.loads(m.data)
             r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
@@ -310,9 +322,10 @@ class Batcher:
                 continue
             seen.add(r["cid"])
             keys.add(key)
+            encoded[r["cid"]] = encode_for_flush(r)
             records.append(r)
             unique.append(m)
-        return unique, records
+        return unique, records, encoded
 
     async def _answer_stored(
         self, msgs: list[Any], records: list[dict[str, Any]]
@@ -354,11 +367,9 @@ class Batcher:
         log.info("answered from the result store at flush", extra={"items": len(answered)})
         return keep_msgs, keep_records
 
-    def _fit(self, lines: list[bytes], tokens: list[int]) -> int:
+    def _fit(self, sizes: list[int], tokens: list[int]) -> int:
         """How many leading records fit one batch: provider limits, then enqueued tokens."""
-        n = take(
-            [len(x) + 8 for x in lines], max_items=self.policy.max_items, max_bytes=self.policy.max_bytes
-        )
+        n = take([x + 8 for x in sizes], max_items=self.policy.max_items, max_bytes=self.policy.max_bytes)
         if not self.max_enqueued_tokens:
             return n
         total, fit = 0, 0
@@ -481,9 +492,24 @@ class Batcher:
         return await self.store.update(record)
 
     async def _advance(self, record: BatchRecord) -> None:
+        # The flush loop submits a new flush while the poll loop follows every record: one
+        # step at a time per flush in this replica, or a poll round that sees the record
+        # "prepared" while batches.create is still in flight would create a second batch
+        # (other replicas are kept out by the owner's lease).
+        if record.flush_id in self._advancing:
+            return
+        self._advancing.add(record.flush_id)
+        try:
+            await self._advance_now(record)
+        finally:
+            self._advancing.discard(record.flush_id)
+
+    async def _advance_now(self, record: BatchRecord) -> None:
         if record.owner != self.instance_id:
             record = await self._save(record)  # adopt (CAS: only one replica wins)
             log.info("adopted batch", extra={"flush_id": record.flush_id, "batch_id": record.batch_id})
+        elif record.lease_until - time.time() < self.lease_s / 2:
+            record = await self._save(record)  # renew: a batch that waits hours keeps its owner
         if record.state == "prepared":
             await self._submit(record)
         elif record.state in ("submitted", "finished") and record.batch_id:
@@ -524,8 +550,10 @@ class Batcher:
                 )
                 await self._mark_submitted(record, found)
                 return
-        items = await self.store.items(record.flush_id)
+        # One item decoded at a time: the request lines are all that is kept.
+        items = await self.store.iter_items(record.flush_id)
         data = to_jsonl(((it["cid"], it["body"]) for it in items), url=record.endpoint)
+        del items
         record.submit_attempts += 1
         record = await self._save(record)  # the attempt is durable before anything is created
         file_id = await self.provider.upload(f"{record.flush_id}.jsonl", data)
@@ -576,7 +604,9 @@ class Batcher:
             await self._finish(record, info)
 
     async def _finish(self, record: BatchRecord, info: BatchInfo) -> None:
-        items = await self.store.items(record.flush_id)
+        # Request bodies are most of a flush's memory and only a retry sends one again:
+        # read the items without them, then again with the retried ones' bodies if any.
+        items = await self.store.items(record.flush_id, bodies=False)
         if info.status == "failed" and any(e.code == "token_limit_exceeded" for e in info.errors):
             await self._requeue_whole(record, info, "token_limit_exceeded")
             return
@@ -584,6 +614,9 @@ class Batcher:
             actions = failed_batch_actions(info, len(items))
         else:
             actions = await self._line_actions(info, items)
+        retried = {index for index, action in enumerate(actions) if isinstance(action, Retry)}
+        if retried:
+            items = await self.store.items(record.flush_id, bodies=retried)
         record.state = "finished"
         record = await self._save(record)
         await self._publish(record, info, items, actions)
@@ -826,6 +859,17 @@ class Batcher:
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self.provider.cancel(batch_id)
+
+
+def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:
+    """A decoded buffer record's line in the flush object, the size of its request line
+    and its estimated prompt tokens; its request body is dropped from ``record``."""
+    body = record["body"]
+    line = dumps(record).encode() + b"\n"
+    size = len(encode_line(record["cid"], record["endpoint"], body))
+    tokens = estimate_request_tokens(body)
+    del record["body"]
+    return line, size, tokens
 
 
 def record_token(record: BatchRecord) -> str:

@@ -58,6 +58,9 @@ class FaultConfig(BaseModel):
     enqueued_token_limit: int | None = Field(default=None, ge=0)
     batch_delay_s: float | None = Field(default=None, ge=0.0)
     batch_create_500_after_create: bool = False
+    batch_create_latency_s: float = Field(default=0.0, ge=0.0)
+    """Seconds before ``POST /v1/batches`` creates the batch and answers (the real API can
+    take seconds; until then the batch is not listed)."""
     empty_string_file_ids: bool = False
     batch_faults_next: list[BatchFault] = Field(default_factory=list)
 

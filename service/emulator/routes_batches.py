@@ -35,6 +35,7 @@ class BatchRoutes:
     async def create(self, request: web.Request) -> web.StreamResponse:
         state = self._state
         params = parse_create_request(await read_json(request))
+        await state.sleep(state.faults.batch_create_latency_s)
         source = state.files.find(params.input_file_id)
         if source is None:
             raise EmulatedError(

@@ -296,3 +296,24 @@ async def test_a_refused_buffer_write_is_redelivered_and_buffered_once(make_daem
     sub = await js.pull_subscribe(daemon.subjects.buffer_filter, stream=buffer)
     records = [json.loads(m.data) for m in await sub.fetch(40, timeout=2)]
     assert sorted(r["item"]["id"] for r in records) == sorted(f"r{i}" for i in range(20))
+
+
+async def test_a_slow_batch_create_is_not_submitted_again_by_the_poll_loop(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    # While the flush loop waits for batches.create, the poll loop sees the flush record
+    # "prepared" with an attempt made and nothing listed yet: it must not submit it too.
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(batch_create_latency_s=1.5))
+    try:
+        daemon = await make_daemon(batching={"max_wait_s": 0.3, "poll_interval_s": 0.1})
+        js = nc.jetstream()
+        await publish_many(js, f"{prefix}.in.tags", [{"id": f"s{i}", "text": f"slow {i}"} for i in range(20)])
+        out = batch_events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 20))
+    finally:
+        emulator.set_faults(FaultConfig())
+    assert all(e["status"] == "ok" for e in out.values())
+    assert emulator.stats["batches_created"] == 1, "the same flush was submitted twice"
+    sent = Counter(emulator.stats["custom_ids_submitted"])
+    assert len(sent) == 20 and set(sent.values()) == {1}
