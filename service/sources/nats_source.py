@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry.trace import SpanKind
 
-from service import tracing
+from service import failpoints, tracing
 from service.aio import quietly, reraise_if_cancelled
 from service.core.errors import EnrichError
 from service.core.events import Outcome, result_event
@@ -184,6 +184,7 @@ class NatsSource:
                 await (msg.ack() if ok else msg.nak(delay=2.0))
             except Exception as exc:  # noqa: BLE001 - unacked: redelivered, deduplicated
                 log.debug("ack/nak failed: %s", exc)
+            failpoints.hit("mid_intake_acks")  # some of the fetch acked, the rest not
 
     def _free_slots(self) -> int:
         return self._max_inflight - self.inflight

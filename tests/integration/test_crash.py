@@ -48,6 +48,7 @@ async def wait_exit(daemon: DaemonProcess, timeout_s: float = 60) -> int:
     ("failpoint", "after"),
     [
         ("after_buffer", "30"),  # half the items buffered, the rest still in intake
+        ("mid_intake_acks", "10"),  # a fetch's items all buffered, only some intake acks sent
         ("after_flush_record", "0"),  # flush written, buffer not yet acked
         ("after_upload", "0"),  # file uploaded, no batch created
         ("after_create", "0"),  # batch created, id not yet recorded
