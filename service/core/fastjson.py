@@ -11,7 +11,6 @@ such numbers) are written as ``null``, so every payload is strict JSON."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -26,17 +25,22 @@ def dumps(obj: Any) -> bytes:
         return _FALLBACK.encode(obj).encode("ascii")
 
 
-# orjson reads an integer beyond 64 bits as a float (silently losing digits): text with a
-# run of 19 or more digits anywhere (even inside a string) is left to ``json``.
-_LONG_DIGITS_STR = re.compile(r"\d{19}")
-_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+# orjson reads an integer beyond 64 bits as a float (silently losing digits): input with
+# a run of 19 or more digits anywhere (even inside a string) is left to ``json``. Found by
+# mapping digits to "1" and the rest to "0" (C speed, ~1 µs per KB; a regex takes ~10).
+_DIGIT_MAP = bytes(49 if 48 <= c <= 57 else 48 for c in range(256))
+_LONG_RUN = b"1" * 19
+
+
+def _has_long_digit_run(data: bytes) -> bool:
+    return _LONG_RUN in data.translate(_DIGIT_MAP)
 
 
 def loads(data: bytes | str) -> Any:
     """Raises ``json.JSONDecodeError`` (with ``json``'s message) for what is not JSON, and
     ``RecursionError`` for nesting deeper than ``json`` reads."""
-    pattern = _LONG_DIGITS_STR if isinstance(data, str) else _LONG_DIGITS_BYTES
-    if pattern.search(data) is not None:  # type: ignore[arg-type]
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if _has_long_digit_run(raw):
         return json.loads(data)
     try:
         return orjson.loads(data)
