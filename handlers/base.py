@@ -175,6 +175,7 @@ def strict_compatible(schema: Any) -> bool:
     return all(strict_compatible(v) for k, v in schema.items() if k not in ("enum", "const", "default"))
 
 
+@functools.lru_cache(maxsize=256)  # one per handler
 def _schema_name(name: str) -> str:
     # The API wants ^[a-zA-Z0-9_-]{1,64}$ for json_schema.name.
     clean = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
