@@ -12,9 +12,12 @@ Loops (named tasks owned by the daemon):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -556,12 +559,16 @@ class Batcher:
         del items
         record.submit_attempts += 1
         record = await self._save(record)  # the attempt is durable before anything is created
-        file_id = await self.provider.upload(f"{record.flush_id}.jsonl", data)
-        failpoints.hit("after_upload")
         try:
-            info = await self.provider.create(
-                input_file_id=file_id, endpoint=record.endpoint, flush_id=record.flush_id
-            )
+            async with self._lease_kept(record) as lease:
+                file_id = await self.provider.upload(f"{record.flush_id}.jsonl", data)
+                failpoints.hit("after_upload")
+                if lease.lost:  # another replica took the flush over: the batch is its to make
+                    await self.provider.delete_file(file_id)
+                    raise StaleRecordError(record.flush_id)
+                info = await self.provider.create(
+                    input_file_id=file_id, endpoint=record.endpoint, flush_id=record.flush_id
+                )
         except ProviderError as exc:
             found = await self.provider.find(record.flush_id, created_after=record.created_at)
             if found is None:
@@ -574,9 +581,55 @@ class Batcher:
                 )
                 return
             info = found
+        if lease.lost:
+            await self._created_without_the_record(record, info)
+            return
         failpoints.hit("after_create")
         record.input_file_id = file_id
         await self._mark_submitted(record, info)
+
+    @contextlib.asynccontextmanager
+    async def _lease_kept(self, record: BatchRecord) -> AsyncIterator[LeaseKeeper]:
+        """Renew the record's lease every third of it while a long step runs (an upload
+        of a large batch file can outlast it): a replica at work must not look dead to
+        the others, or one would adopt the flush and submit it a second time."""
+        keeper = LeaseKeeper()
+        stop = asyncio.Event()
+
+        async def renew() -> None:
+            while not keeper.lost:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.lease_s / 3)
+                    return
+                except TimeoutError:
+                    pass
+                try:
+                    await self._save(record)
+                except StaleRecordError:
+                    keeper.lost = True
+                except Exception:  # noqa: BLE001 - NATS trouble: try again next time
+                    reraise_if_cancelled()
+                    log.debug("lease renewal failed", exc_info=True)
+
+        task = asyncio.create_task(renew(), name=f"lease-{record.flush_id}")
+        try:
+            yield keeper
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _created_without_the_record(self, record: BatchRecord, info: BatchInfo) -> None:
+        """Our batch was created after another replica took the flush over (its lease ran
+        out, e.g. NATS was unreachable for longer than ``lease_s``). Unless the record now
+        names our batch (the other replica found it), it is a duplicate: cancel it."""
+        current = await self.store.get(record.flush_id)
+        if current is not None and current.batch_id == info.id:
+            return
+        log.warning(
+            "cancelling a duplicate batch: another replica took the flush over",
+            extra={"flush_id": record.flush_id, "batch_id": info.id},
+        )
+        await self.provider.cancel(info.id)
 
     async def _mark_submitted(self, record: BatchRecord, info: BatchInfo) -> None:
         record.batch_id = info.id
@@ -870,6 +923,11 @@ def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:
     tokens = estimate_request_tokens(body)
     del record["body"]
     return line, size, tokens
+
+
+@dataclass
+class LeaseKeeper:
+    lost: bool = False  # another replica took the record over
 
 
 def record_token(record: BatchRecord) -> str:

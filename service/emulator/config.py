@@ -59,6 +59,8 @@ class FaultConfig(BaseModel):
     batch_delay_s: float | None = Field(default=None, ge=0.0)
     batch_create_500_after_create: bool = False
     batch_create_latency_s: float = Field(default=0.0, ge=0.0)
+    file_upload_latency_s: float = Field(default=0.0, ge=0.0)
+    """Seconds before ``POST /v1/files`` answers (a large file over a slow link)."""
     """Seconds before ``POST /v1/batches`` creates the batch and answers (the real API can
     take seconds; until then the batch is not listed)."""
     empty_string_file_ids: bool = False

@@ -27,6 +27,7 @@ class FileRoutes:
         router.add_get("/v1/files/{file_id}/content", self.content)
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
+        await self._state.sleep(self._state.faults.file_upload_latency_s)
         if not request.content_type.startswith("multipart/"):
             raise EmulatedError(
                 400, f"Invalid Content-Type header ({request.content_type}), expected multipart/form-data."

@@ -317,3 +317,27 @@ async def test_a_slow_batch_create_is_not_submitted_again_by_the_poll_loop(
     assert emulator.stats["batches_created"] == 1, "the same flush was submitted twice"
     sent = Counter(emulator.stats["custom_ids_submitted"])
     assert len(sent) == 20 and set(sent.values()) == {1}
+
+
+async def test_an_upload_longer_than_the_lease_keeps_its_owner(
+    make_daemon, nc, prefix, emulator, tmp_path
+) -> None:
+    # The submitting replica renews its lease while the batch file uploads, so a second
+    # replica polling the record does not take the flush over and submit it again.
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(file_upload_latency_s=2.5))
+    fast = {"max_wait_s": 0.3, "poll_interval_s": 0.1, "lease_s": 0.6}
+    try:
+        first = await make_daemon(state_dir=tmp_path / "a", instance_id="a", batching=fast)
+        await make_daemon(state_dir=tmp_path / "b", instance_id="b", batching=fast)
+        js = nc.jetstream()
+        await publish_many(
+            js, f"{prefix}.in.tags", [{"id": f"l{i}", "text": f"long upload {i}"} for i in range(20)]
+        )
+        out = batch_events(await read_stream(js, first.subjects.stream("OUT"), f"{prefix}.out.tags", 20, 30))
+    finally:
+        emulator.set_faults(FaultConfig())
+    assert all(e["status"] == "ok" for e in out.values())
+    sent = Counter(emulator.stats["custom_ids_submitted"])
+    assert len(sent) == 20 and set(sent.values()) == {1}, "an item was submitted in two batches"
