@@ -559,25 +559,30 @@ class Batcher:
         del items
         record.submit_attempts += 1
         record = await self._save(record)  # the attempt is durable before anything is created
-        try:
-            async with self._lease_kept(record) as lease:
-                file_id = await self.provider.upload(f"{record.flush_id}.jsonl", data)
-                failpoints.hit("after_upload")
-                if lease.lost:  # another replica took the flush over: the batch is its to make
-                    await self.provider.delete_file(file_id)
-                    raise StaleRecordError(record.flush_id)
-                info = await self.provider.create(
+        create_error: ProviderError | None = None
+        async with self._lease_kept(record) as lease:
+            # An upload error propagates (the poll loop logs it and tries again later).
+            file_id = await self.provider.upload(f"{record.flush_id}.jsonl", data)
+            failpoints.hit("after_upload")
+            if lease.lost:  # another replica took the flush over: the batch is its to make
+                await self.provider.delete_file(file_id)
+                raise StaleRecordError(record.flush_id)
+            try:
+                info: BatchInfo | None = await self.provider.create(
                     input_file_id=file_id, endpoint=record.endpoint, flush_id=record.flush_id
                 )
-        except ProviderError as exc:
+            except ProviderError as exc:
+                create_error, info = exc, None
+        if info is None:
+            assert create_error is not None
             found = await self.provider.find(record.flush_id, created_after=record.created_at)
             if found is None:
                 record.not_before = time.time() + min(600.0, 2.0 ** min(record.submit_attempts, 9))
-                record.note = self.redact(f"create failed: {exc.code}: {exc.message}")
+                record.note = self.redact(f"create failed: {create_error.code}: {create_error.message}")
                 await self._save(record)
                 log.warning(
                     "batch create failed; will retry",
-                    extra={"flush_id": record.flush_id, "error_code": exc.code},
+                    extra={"flush_id": record.flush_id, "error_code": create_error.code},
                 )
                 return
             info = found

@@ -341,3 +341,26 @@ async def test_an_upload_longer_than_the_lease_keeps_its_owner(
     assert all(e["status"] == "ok" for e in out.values())
     sent = Counter(emulator.stats["custom_ids_submitted"])
     assert len(sent) == 20 and set(sent.values()) == {1}, "an item was submitted in two batches"
+
+
+async def test_a_create_that_answers_500_after_creating_is_reconciled_not_repeated(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    # The provider made the batch but the response was an error: the daemon must find the
+    # batch by its flush id (metadata) instead of creating another one.
+    from service.emulator import FaultConfig
+
+    emulator.set_faults(FaultConfig(batch_faults_next=["create_500"]))
+    try:
+        daemon = await make_daemon(batching=FAST)
+        js = nc.jetstream()
+        await publish_many(
+            js, f"{prefix}.in.tags", [{"id": f"c{i}", "text": f"create {i}"} for i in range(10)]
+        )
+        out = batch_events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 10))
+    finally:
+        emulator.set_faults(FaultConfig())
+    assert all(e["status"] == "ok" for e in out.values())
+    assert emulator.stats["faults_injected"]["batch_create_500"] == 1
+    assert emulator.stats["batches_created"] == 1
+    assert len({e["batch_id"] for e in out.values()}) == 1
