@@ -57,8 +57,6 @@ class Sink(Protocol):
 
     async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None: ...
 
-    async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None: ...
-
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]: ...
 
 
@@ -219,12 +217,7 @@ class Pipeline:
         )
         if not isinstance(decision, BatchRoute):
             return None
-        return BufferWrite(
-            item.handler,
-            decision.key.subject_token(),
-            buffer_record(intake, item, spec, body),
-            f"{item.handler}:{item.id}:{intake.seq}",
-        )
+        return buffer_write(intake, item, spec, body, decision)
 
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish buffer messages from :meth:`buffer_now`; True for each one JetStream
@@ -232,6 +225,9 @@ class Pipeline:
         self.counters.received += len(writes)
         for handler, count in collections.Counter(w.handler for w in writes).items():
             self.metrics.received.add(count, {"handler": handler})  # once per handler: ~6 µs a call
+        return await self._store_buffered(writes)
+
+    async def _store_buffered(self, writes: list[BufferWrite]) -> list[bool]:
         stored = await self.sink.buffer_many(writes)
         for ok in stored:
             if ok:
@@ -551,20 +547,29 @@ class Pipeline:
     async def _buffer(
         self, intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], decision: BatchRoute
     ) -> None:
-        record = buffer_record(intake, item, spec, body)
+        write = buffer_write(intake, item, spec, body, decision)
         attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
         with tracing.span(self.tracer, "enrich.buffer", attributes):
             # The batch hop: the result span will continue this trace (see service/tracing.py).
             traceparent = tracing.current_traceparent()
             if traceparent:
-                record["traceparent"] = traceparent
-            await self.sink.buffer(
-                decision.key.subject_token(), record, msg_id=f"{item.handler}:{item.id}:{intake.seq}"
-            )
-        self.counters.buffered += 1
-        failpoints.hit("after_buffer")  # buffered, intake not yet acked
-        if self.on_buffered is not None:
-            self.on_buffered()
+                write.record["traceparent"] = traceparent
+            [stored] = await self._store_buffered([write])
+        if not stored:  # the source NAKs the intake message: it comes back later
+            raise RuntimeError(f"buffer write for {item.handler}:{item.id} was not stored")
+
+
+def buffer_write(
+    intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], decision: BatchRoute
+) -> BufferWrite:
+    """The buffer message of a batch-routed item; its Nats-Msg-Id makes a redelivered
+    intake message's second write a duplicate JetStream drops."""
+    return BufferWrite(
+        item.handler,
+        decision.key.subject_token(),
+        buffer_record(intake, item, spec, body),
+        f"{item.handler}:{item.id}:{intake.seq}",
+    )
 
 
 def buffer_record(intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any]) -> dict[str, Any]:

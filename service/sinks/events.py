@@ -109,15 +109,6 @@ class EventSink:
             self._subjects.event(topic), self._payload(payload), headers=headers, timeout=self._timeout_s
         )
 
-    async def buffer(self, key_token: str, record: dict[str, Any], *, msg_id: str) -> None:
-        # publish_async shares one reply subscription among all pending publishes, which
-        # costs far less CPU per item than publish's request/reply; we still wait for the
-        # PubAck before the intake message may be acked.
-        future = await self._js.publish_async(
-            self._subjects.buffer(key_token), dumps(record).encode(), headers={"Nats-Msg-Id": msg_id}
-        )
-        await asyncio.wait_for(future, self._timeout_s)
-
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish many buffer messages at once and wait for their PubAcks together:
         True for each one stored."""

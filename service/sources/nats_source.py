@@ -64,7 +64,6 @@ class NatsSource:
         self._paused_until = 0.0
         self._held: dict[int, Msg] = {}  # in-flight intake messages, by id()
         self._chunks: dict[asyncio.Task[None], int] = {}  # buffer-write tasks: their messages
-        self._chunk_items = 0  # messages in those tasks
         self._beat: asyncio.Task[None] | None = None
 
     def register(self) -> None:
@@ -107,8 +106,6 @@ class NatsSource:
         while True:
             try:
                 await self._pull_once()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # the loop must outlive any one failure, or intake stops
                 reraise_if_cancelled()
                 log.exception("intake round failed; going on")
@@ -162,12 +159,11 @@ class NatsSource:
             task = asyncio.create_task(self._run_chunk(chunk), name=f"chunk-{len(chunk)}")
             self._tasks.add(task)
             self._chunks[task] = len(chunk)
-            self._chunk_items += len(chunk)
             task.add_done_callback(self._chunk_done)
 
     def _chunk_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._chunk_items -= self._chunks.pop(task, 0)
+        self._chunks.pop(task, None)
 
     async def _run_chunk(self, chunk: list[tuple[Msg, BufferWrite]]) -> None:
         for msg, _ in chunk:  # the heartbeat keeps them ours while their PubAcks are awaited
@@ -352,4 +348,4 @@ class NatsSource:
     @property
     def inflight(self) -> int:
         """Intake messages being worked on (each one of a buffer-write task counts)."""
-        return len(self._tasks) - len(self._chunks) + self._chunk_items
+        return len(self._tasks) - len(self._chunks) + sum(self._chunks.values())
