@@ -117,8 +117,9 @@ def buffered_records(
     pipeline: Any, prefix: str, count: int, start: int = 0
 ) -> list[tuple[str, dict[str, Any]]]:
     """(buffer subject token, record) as Pipeline._buffer writes them, for ``count`` items
-    parsed and given their request bodies by the daemon's own pipeline."""
-    from service.core.routing import BufferKey
+    parsed by the daemon's own pipeline; each record also gets the request body that the
+    flush builds (``body``, not part of a buffer message: full_flush leaves it out)."""
+    from service.core.routing import BatchRoute, BufferKey
     from service.pipeline import Intake, buffer_record
 
     now = datetime.now(UTC)
@@ -128,8 +129,8 @@ def buffered_records(
             raw=item_1k(i), handler="tags", subject=f"{prefix}.in.tags", received_at=now, seq=i + 1
         )
         spec, item, body = pipeline.prepare(intake)
-        key = BufferKey(pipeline.config.rules.provider, spec.endpoint, spec.model).subject_token()
-        out.append((key, buffer_record(intake, item, spec, body)))
+        key = BufferKey(pipeline.config.rules.provider, spec.endpoint, spec.model)
+        out.append((key.subject_token(), {**buffer_record(intake, item, BatchRoute(key)), "body": body}))
     return out
 
 
@@ -226,7 +227,8 @@ async def full_flush(env: Env, daemon: Any, records: list[tuple[str, dict[str, A
     subject = daemon.subjects.buffer(records[0][0])
     for _, record in records:
         msg_id = f"{record['handler']}:{record['item']['id']}:{record['intake_seq']}"
-        await js.publish_async(subject, json.dumps(record).encode(), headers={"Nats-Msg-Id": msg_id})
+        message = {k: v for k, v in record.items() if k != "body"}  # the flush builds the body
+        await js.publish_async(subject, json.dumps(message).encode(), headers={"Nats-Msg-Id": msg_id})
     await js.publish_async_completed()
     await wait_count(js, daemon.subjects.stream("BUFFER"), len(records), timeout_s=60)
     batcher = daemon.batcher

@@ -42,6 +42,7 @@ from service.state.streams import ensure_streams, open_kv
 from service.subjects import Subjects
 
 log = logging.getLogger("enrichd")
+HEADER_ROOM = 16 * 1024  # headers and framing, on top of a message's payload
 
 
 class Daemon:
@@ -114,6 +115,16 @@ class Daemon:
             js, self.subjects.results_bucket, ttl_s=s.results.ttl_s, replicas=s.nats.stream_replicas
         )
         assert self._provider is not None
+        # Every message the daemon writes for an item must fit the server's max_payload
+        # (less room for headers); the accepted item size is bounded by it too.
+        max_message = broker.config.connection_state.connection.max_payload - HEADER_ROOM
+        max_item = min(s.limits.max_item_bytes, max_message)
+        if max_item < s.limits.max_item_bytes:
+            log.info(
+                "items are limited by the NATS server's max_payload",
+                extra={"max_item_bytes": max_item, "configured": s.limits.max_item_bytes},
+            )
+        sink = EventSink(js, self.subjects, self.redact, max_bytes=max_message)
         self.pipeline = Pipeline(
             PipelineConfig(
                 registry=s.registry,
@@ -129,12 +140,13 @@ class Daemon:
                 ),
                 prices=s.price_table,
                 batch_discount=s.batch_discount,
-                max_item_bytes=s.limits.max_item_bytes,
+                max_item_bytes=max_item,
                 max_tokens_param=s.openai.max_tokens_param,
+                max_message_bytes=max_message,
             ),
             provider=self._provider,
             store=ResultStore(kv, self.subjects.results_bucket),
-            sink=EventSink(js, self.subjects, self.redact),
+            sink=sink,
             clock=self.clock,
         )
         self.batcher = Batcher(
@@ -162,6 +174,8 @@ class Daemon:
             results_chunk=s.batching.results_chunk,
             flush_ack_wait_s=s.batching.flush_ack_wait_s,
             lease_s=s.batching.lease_s,
+            max_tokens_param=s.openai.max_tokens_param,
+            max_message_bytes=max_message,
         )
         self.pipeline.on_buffered = self.batcher.wake
         self.pipeline.metrics = self.batcher.metrics = self.metrics

@@ -36,8 +36,17 @@ from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
-from service.core.errors import ProviderError
-from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id, stored_answer
+from service.core.errors import BadItemError, EnrichError, ProviderError
+from service.core.events import (
+    Outcome,
+    dlq_entry,
+    fitted_entry,
+    iso,
+    result_event,
+    result_msg_id,
+    stored_answer,
+)
+from service.core.items import item_from_object
 from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
 from service.sinks.events import INTAKE_SEQ_HEADER, EventSink, Redactor, dumps, keep_second_answer
@@ -75,6 +84,8 @@ class Batcher:
         lease_s: float = 120.0,
         results_chunk: int = 1000,
         flush_ack_wait_s: float = 120.0,
+        max_tokens_param: str = "max_completion_tokens",
+        max_message_bytes: int = 1024 * 1024 - 16 * 1024,
     ) -> None:
         self.js = js
         self.subjects = subjects
@@ -95,6 +106,8 @@ class Batcher:
         self.lease_s = lease_s
         self.results_chunk = results_chunk
         self.flush_ack_wait_s = flush_ack_wait_s
+        self.max_tokens_param = max_tokens_param
+        self.max_message_bytes = max_message_bytes  # the server's max_payload, less headers
         self._wake = asyncio.Event()
         self._avg_bytes = 2048.0
         self._rng = random.Random()
@@ -312,12 +325,19 @@ class Batcher:
         the memory the flush holds."""
         records, unique, seen, keys = [], [], set(), set()
         encoded: dict[str, tuple[bytes, int, int]] = {}
+        unbuildable: list[tuple[Any, dict[str, Any], EnrichError]] = []
         for m in msgs:
             r = fastjson.loads(m.data)
             r["cid"] = custom_id(r["handler"], r["item"]["id"], r["intake_seq"])
             if r["cid"] in seen:
                 await m.ack()
                 continue
+            if "body" not in r:
+                try:
+                    r["body"] = request_body(r, self.registry, self.max_tokens_param)
+                except EnrichError as exc:  # the handler changed since the item was buffered
+                    unbuildable.append((m, r, exc))
+                    continue
             key = (r["handler"], r["item"]["id"])
             if key in keys or key in self._inflight_keys:
                 delivered = int(getattr(m.metadata, "num_delivered", 1) or 1)
@@ -328,7 +348,62 @@ class Batcher:
             encoded[r["cid"]] = encode_for_flush(r)
             records.append(r)
             unique.append(m)
+        if unbuildable:
+            await self._end_unbuildable(unbuildable)
         return unique, records, encoded
+
+    async def _end_unbuildable(self, failed: list[tuple[Any, dict[str, Any], EnrichError]]) -> None:
+        """Buffered items whose request cannot be built any more (their handler was removed,
+        or its prompt now names a field they lack) end with that error and a DLQ entry."""
+        messages: list[Message] = []
+        now = datetime.now(UTC)
+        for _, r, exc in failed:
+            data, handler = r["item"], r["handler"]
+            outcome = Outcome(
+                id=data["id"],
+                handler=handler,
+                route="batch",
+                model=r.get("model"),
+                received_at=datetime.fromisoformat(r["received_at"].replace("Z", "+00:00")),
+                completed_at=now,
+                error=exc.info(),
+                metadata=data.get("metadata"),
+                source=data.get("source"),
+            )
+            event = result_event(outcome)
+            entry = dlq_entry(
+                id=data["id"],
+                handler=handler,
+                item=data,
+                raw=None,
+                error=exc.info(),
+                attempts=0,
+                subject=self.subjects.intake_prefix + handler,
+                failed_at=now,
+            )
+            seq = r.get("intake_seq")
+            dlq_payload = fitted_entry(
+                entry, lambda e: self.redact(dumps(e)).encode(), self.max_message_bytes
+            )
+            messages.append(
+                (
+                    self.subjects.dlq(handler),
+                    dlq_payload,
+                    {"Nats-Msg-Id": f"{data['id']}:{handler}:dlq:{seq}"},
+                )
+            )
+            msg_id = result_msg_id(data["id"], handler, error_intake_seq=seq)
+            messages.append(
+                (self.subjects.out(handler), self.redact(dumps(event)).encode(), {"Nats-Msg-Id": msg_id})
+            )
+            self.metrics.outcome(event, None)
+            log.warning(
+                "item failed",
+                extra={"item_id": data["id"], "handler": handler, "error_code": exc.code, "attempts": 0},
+            )
+        await self._acked(await self._send_nowait(messages), messages)
+        for m, _, _ in failed:
+            await m.ack()
 
     async def _answer_stored(
         self, msgs: list[Any], records: list[dict[str, Any]]
@@ -864,9 +939,8 @@ class Batcher:
                 last_provider_message=action.last_message,
             )
             msg_id = f"{data['id']}:{handler}:dlq:{item.get('intake_seq')}"
-            out.append(
-                (self.subjects.dlq(handler), self.redact(dumps(entry)).encode(), {"Nats-Msg-Id": msg_id})
-            )
+            payload = fitted_entry(entry, lambda e: self.redact(dumps(e)).encode(), self.max_message_bytes)
+            out.append((self.subjects.dlq(handler), payload, {"Nats-Msg-Id": msg_id}))
         msg_id = result_msg_id(
             data["id"], handler, error_intake_seq=None if event["status"] == "ok" else item.get("intake_seq")
         )
@@ -917,6 +991,19 @@ class Batcher:
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self.provider.cancel(batch_id)
+
+
+def request_body(
+    record: dict[str, Any], registry: dict[str, HandlerSpec], max_tokens_param: str
+) -> dict[str, Any]:
+    """The provider request of a buffered item, built at flush from the item (buffer
+    records do not carry it: it would hold the item's text twice). Raises EnrichError when
+    the handler is gone or its prompt names a field the item lacks."""
+    spec = registry.get(record["handler"])
+    if spec is None:
+        raise BadItemError("unknown_handler", f"no handler named {record['handler']!r} any more")
+    item = item_from_object(record["item"], record["handler"])
+    return spec.build_body(item, max_tokens_param=max_tokens_param)
 
 
 def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:

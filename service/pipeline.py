@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from handlers import HandlerSpec
 from service import failpoints, telemetry, tracing
 from service.alerts import Alerter
+from service.core import fastjson
 from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
@@ -62,11 +63,12 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class BufferWrite:
-    """A batch-routed item's buffer message, ready to publish (see Pipeline.buffer_now)."""
+    """A batch-routed item's buffer message, encoded and ready to publish (see
+    Pipeline.buffer_now)."""
 
     handler: str
     subject_token: str
-    record: dict[str, Any]
+    payload: bytes
     msg_id: str
 
 
@@ -117,6 +119,9 @@ class PipelineConfig:
     batch_discount: float
     max_item_bytes: int
     max_tokens_param: str = "max_completion_tokens"
+    # The largest message the daemon may write (the server's max_payload, less room for
+    # headers): an item whose buffer record would not fit is ``item_too_large`` at intake.
+    max_message_bytes: int = 1024 * 1024 - 16 * 1024
 
 
 Clock = Callable[[], datetime]
@@ -180,8 +185,7 @@ class Pipeline:
                 tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
             )
         if isinstance(decision, BatchRoute) and not force_sync:
-            await self._buffer(intake, item, spec, body, decision)
-            return None
+            return await self._buffer(intake, item, spec, decision)
         # One provider call per (handler, id) at a time in this replica: a copy that
         # arrives meanwhile waits for it and gets its answer as `cached`.
         key = (item.handler, item.id)
@@ -217,7 +221,10 @@ class Pipeline:
         )
         if not isinstance(decision, BatchRoute):
             return None
-        return buffer_write(intake, item, spec, body, decision)
+        write = buffer_write(intake, item, decision)
+        if len(write.payload) > self.config.max_message_bytes:
+            return None  # process() ends it as item_too_large
+        return write
 
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish buffer messages from :meth:`buffer_now`; True for each one JetStream
@@ -245,14 +252,12 @@ class Pipeline:
         except BudgetExhaustedError as exc:
             if not force_sync and item.priority not in ("urgent", "high"):
                 # Deadline work that the sync budget cannot pay for goes the cheaper way.
-                await self._buffer(
+                return await self._buffer(
                     intake,
                     item,
                     spec,
-                    body,
                     BatchRoute(BufferKey(self.config.rules.provider, spec.endpoint, spec.model)),
                 )
-                return None
             if force_sync:
                 outcome = Outcome(
                     id=item.id,
@@ -545,46 +550,55 @@ class Pipeline:
         return event
 
     async def _buffer(
-        self, intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], decision: BatchRoute
-    ) -> None:
-        write = buffer_write(intake, item, spec, body, decision)
+        self, intake: Intake, item: Item, spec: HandlerSpec, decision: BatchRoute
+    ) -> dict[str, Any] | None:
+        """Buffer a batch-routed item (None), or end it as ``item_too_large`` when its
+        buffer message would not fit a NATS message (its event)."""
         attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
         with tracing.span(self.tracer, "enrich.buffer", attributes):
             # The batch hop: the result span will continue this trace (see service/tracing.py).
-            traceparent = tracing.current_traceparent()
-            if traceparent:
-                write.record["traceparent"] = traceparent
+            write = buffer_write(intake, item, decision, traceparent=tracing.current_traceparent())
+            if len(write.payload) > self.config.max_message_bytes:
+                return await self._finish_bad(intake, too_large_to_buffer(len(write.payload), self.config))
             [stored] = await self._store_buffered([write])
         if not stored:  # the source NAKs the intake message: it comes back later
             raise RuntimeError(f"buffer write for {item.handler}:{item.id} was not stored")
+        return None
+
+
+def too_large_to_buffer(size: int, config: PipelineConfig) -> BadItemError:
+    return BadItemError(
+        "item_too_large",
+        f"item needs a {size}-byte buffer message; NATS takes at most {config.max_message_bytes} "
+        f"(the server's max_payload less headers): send it on enrich.sync, or raise max_payload",
+    )
 
 
 def buffer_write(
-    intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any], decision: BatchRoute
+    intake: Intake, item: Item, decision: BatchRoute, *, traceparent: str | None = None
 ) -> BufferWrite:
     """The buffer message of a batch-routed item; its Nats-Msg-Id makes a redelivered
     intake message's second write a duplicate JetStream drops."""
+    record = buffer_record(intake, item, decision)
+    if traceparent:
+        record["traceparent"] = traceparent
     return BufferWrite(
         item.handler,
         decision.key.subject_token(),
-        buffer_record(intake, item, spec, body),
+        fastjson.dumps(record),
         f"{item.handler}:{item.id}:{intake.seq}",
     )
 
 
-def buffer_record(intake: Intake, item: Item, spec: HandlerSpec, body: dict[str, Any]) -> dict[str, Any]:
+def buffer_record(intake: Intake, item: Item, decision: BatchRoute) -> dict[str, Any]:
     """What a batched item's buffer message holds: enough to send it in a batch and to
-    answer it later without the intake message."""
+    answer it later without the intake message. The request body is not kept (it holds
+    the text a second time): the flush builds it from the item (Batcher, encode_for_flush)."""
     return {
         "handler": item.handler,
         "item": item.to_dict(),
-        "body": body,
-        "endpoint": spec.endpoint,
-        "model": spec.model,
-        "received_at": result_event_time(intake.received_at),
+        "endpoint": decision.key.endpoint,
+        "model": decision.key.model,
+        "received_at": iso(intake.received_at),
         "intake_seq": intake.seq,
     }
-
-
-def result_event_time(ts: datetime) -> str:
-    return iso(ts)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from service.core import fastjson
 from service.core.cost import Usage
 from service.core.errors import ErrorInfo
 
@@ -91,7 +93,55 @@ def dlq_entry(
     }
     if item is None and raw is not None:
         entry["raw"] = raw.decode("utf-8", errors="replace")
+    if last_provider_message is not None and len(last_provider_message) > MAX_PROVIDER_MESSAGE:
+        entry["last_provider_message"] = last_provider_message[:MAX_PROVIDER_MESSAGE] + "..."
     return entry
+
+
+MAX_PROVIDER_MESSAGE = 2000
+
+
+def fitted_entry(entry: dict[str, Any], encode: Callable[[Any], bytes], limit: int) -> bytes:
+    """The DLQ entry's payload, at most ``limit`` bytes (a NATS message has a maximum size:
+    an entry that cannot be written would leave its item with no ending).
+
+    Too large (an item near the size limit whose encoding grew, a large unreadable body),
+    the entry keeps its id, error and everything else, and the item's ``text`` (or the
+    ``raw`` body) is cut to fit; ``truncated`` says which field and how long it was. The
+    whole original is still where it came from: the intake stream, or the watched
+    folder's ``.failed/``."""
+    payload = encode(entry)
+    if len(payload) <= limit:
+        return payload
+    item = entry.get("item")
+    if isinstance(entry.get("raw"), str):
+        path, original = "raw", entry["raw"]
+    elif isinstance(item, dict) and isinstance(item.get("text"), str):
+        path, original = "item.text", item["text"]
+    else:
+        path, original = "item", fastjson.dumps(item).decode("utf-8", "replace")
+    keep = len(original)
+    for _ in range(8):
+        if len(payload) <= limit:
+            return payload
+        # the field is most of the payload: shrink it in proportion, with room to spare
+        keep = max(0, min(keep - 1, int(keep * limit / len(payload)) - 256))
+        cut = original[:keep]
+        trimmed = dict(entry, truncated={"field": path, "chars": len(original), "kept": len(cut)})
+        if path == "raw":
+            trimmed["raw"] = cut
+        elif path == "item.text":
+            trimmed["item"] = {**item, "text": cut}  # type: ignore[dict-item]
+        else:
+            trimmed["item"] = None
+            trimmed["raw"] = cut
+        payload = encode(trimmed)
+    if len(payload) <= limit:
+        return payload
+    # metadata or another field alone is too large: keep the identity and the error
+    slim = {k: entry[k] for k in ("id", "handler", "error", "attempts", "subject", "failed_at")}
+    slim["truncated"] = {"field": "entry", "bytes": len(encode(entry))}
+    return encode(slim)
 
 
 def cached_copy(

@@ -94,9 +94,27 @@ def decode_object(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
         raise BadItemError(
             "invalid_json", "body is not JSON this daemon can read: nested too deeply"
         ) from None
+    except ValueError as exc:
+        # e.g. an integer of more than 4,300 digits: Python refuses to convert it
+        raise BadItemError("invalid_json", f"body is not JSON this daemon can read: {_short(exc)}") from None
     if not isinstance(data, dict):
         raise BadItemError("not_an_object", f"item must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (``"\\ud800"`` is legal JSON, but not Unicode
+    text: it cannot be encoded as UTF-8 and no provider can read it), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _fields(value: Any) -> dict[str, str]:
@@ -106,6 +124,11 @@ def _fields(value: Any) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise BadItemError("invalid_fields", "fields must be an object whose values are strings")
+    for key, text in value.items():
+        if lone_surrogate(key) is not None or lone_surrogate(text) is not None:
+            raise BadItemError(
+                "invalid_fields", f"field {key!r} holds a lone surrogate escape (not Unicode text)"
+            )
     return dict(value)
 
 
@@ -117,6 +140,13 @@ def _text(data: dict[str, Any]) -> str:
         raise BadItemError("invalid_text", f"'text' must be a string, got {type(text).__name__}")
     if not text.strip():
         raise BadItemError("empty_text", "'text' is empty")
+    at = lone_surrogate(text)
+    if at is not None:
+        raise BadItemError(
+            "invalid_text",
+            f"'text' holds a lone surrogate escape at character {at} "
+            "(not Unicode text: no model can read it)",
+        )
     return text
 
 
@@ -166,7 +196,7 @@ def salvage(raw: bytes) -> tuple[str, dict[str, Any] | None, str | None]:
     """
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or JSON Python cannot hold
         return raw_id(raw), None, None
     if not isinstance(data, dict):
         return raw_id(raw), None, None

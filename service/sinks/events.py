@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from service import tracing
 from service.aio import reraise_if_cancelled
 from service.core import fastjson
-from service.core.events import result_msg_id
+from service.core.events import fitted_entry, result_msg_id
 from service.subjects import Subjects
 
 if TYPE_CHECKING:
@@ -67,12 +67,19 @@ async def keep_second_answer(
 
 class EventSink:
     def __init__(
-        self, js: JetStreamContext, subjects: Subjects, redact: Redactor, *, timeout_s: float = 10.0
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        redact: Redactor,
+        *,
+        timeout_s: float = 10.0,
+        max_bytes: int = 1024 * 1024 - 16 * 1024,
     ):
         self._js = js
         self._subjects = subjects
         self._redact = redact
         self._timeout_s = timeout_s
+        self._max_bytes = max_bytes  # the largest payload NATS takes, less room for headers
 
     def _payload(self, obj: Any) -> bytes:
         return self._redact(dumps(obj)).encode()
@@ -98,7 +105,7 @@ class EventSink:
         msg_id = f"{item_id}:{handler}:dlq:{suffix}"
         await self._js.publish(
             self._subjects.dlq(handler),
-            self._payload(entry),
+            fitted_entry(entry, self._payload, self._max_bytes),
             headers={"Nats-Msg-Id": msg_id},
             timeout=self._timeout_s,
         )
@@ -111,28 +118,29 @@ class EventSink:
 
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish many buffer messages at once and wait for their PubAcks together:
-        True for each one stored."""
-        futures = []
-        try:
-            for write in writes:
+        True for each one stored. One write that cannot be sent fails alone."""
+        futures: list[asyncio.Future[Any] | None] = []
+        for write in writes:
+            try:
                 futures.append(
                     await self._js.publish_async(
                         self._subjects.buffer(write.subject_token),
-                        dumps(write.record).encode(),
+                        write.payload,
                         headers={"Nats-Msg-Id": write.msg_id},
                     )
                 )
-        except Exception:  # noqa: BLE001 - the rest were not sent: they are not stored
-            reraise_if_cancelled()  # nats-py turns a cancel while it waits into its own error
-            log.warning("publishing buffer messages failed", exc_info=True)
+            except Exception:  # noqa: BLE001 - this one is not stored; its message is redelivered
+                reraise_if_cancelled()  # nats-py turns a cancel while it waits into its own error
+                log.warning("publishing a buffer message failed", exc_info=True)
+                futures.append(None)
+        sent = [f for f in futures if f is not None]
         try:
-            if futures:
-                await asyncio.wait(futures, timeout=self._timeout_s)
+            if sent:
+                await asyncio.wait(sent, timeout=self._timeout_s)
         finally:
-            for future in futures:
+            for future in sent:
                 # nats-py frees a publish_async slot only on a reply or a cancel: a PubAck
                 # lost in a reconnect must not hold its slot for ever
                 if not future.done():
                     future.cancel()
-        stored = [not f.cancelled() and f.exception() is None for f in futures]
-        return stored + [False] * (len(writes) - len(futures))
+        return [f is not None and not f.cancelled() and f.exception() is None for f in futures]

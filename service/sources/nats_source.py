@@ -63,6 +63,11 @@ class NatsSource:
         self._loop: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._held: dict[int, Msg] = {}  # in-flight intake messages, by id()
+        # Stream sequences being processed, and whether that ended in an ack. A message
+        # JetStream redelivers meanwhile (ack_wait passed: the loop was frozen, or a call
+        # outlived the heartbeats) is the same intake message: it waits for the first
+        # delivery's ending and is acked with it, never processed (or answered) again.
+        self._working: dict[int, asyncio.Future[bool]] = {}
         self._chunks: dict[asyncio.Task[None], int] = {}  # buffer-write tasks: their messages
         self._beat: asyncio.Task[None] | None = None
 
@@ -143,8 +148,16 @@ class NatsSource:
         """Batch-routed items of one fetch are published to their buffers together and
         acked together once stored (one task for all of them); the rest get a task each."""
         chunk: list[tuple[Msg, BufferWrite]] = []
+        for msg in msgs:  # held at once: waiting for a slot must not let ack_wait run out
+            self._held[id(msg)] = msg
         for msg in msgs:
             try:
+                seq = msg.metadata.sequence.stream
+                first = self._working.get(seq)
+                if first is not None:
+                    self._follow(msg, seq, first)
+                    continue
+                self._working[seq] = asyncio.get_running_loop().create_future()
                 intake = self._intake(msg)
                 write = self._pipeline.buffer_now(intake)
                 if write is None:
@@ -154,6 +167,8 @@ class NatsSource:
             except Exception:  # noqa: BLE001 - one message must not stop the others
                 reraise_if_cancelled()
                 log.exception("intake message not taken; it will be redelivered")
+                self._held.pop(id(msg), None)
+                self._ended(msg, acked=False)
                 await quietly(msg.nak(delay=2.0))
         if chunk:
             task = asyncio.create_task(self._run_chunk(chunk), name=f"chunk-{len(chunk)}")
@@ -165,14 +180,45 @@ class NatsSource:
         self._tasks.discard(task)
         self._chunks.pop(task, None)
 
+    def _ended(self, msg: Msg, *, acked: bool) -> None:
+        """The processing of ``msg``'s stream sequence is over (acked, or left to JetStream
+        to redeliver): copies that arrived meanwhile follow it."""
+        try:
+            seq = msg.metadata.sequence.stream
+        except Exception:  # noqa: BLE001 - no metadata: never registered
+            return
+        first = self._working.pop(seq, None)
+        if first is not None and not first.done():
+            first.set_result(acked)
+
+    def _follow(self, msg: Msg, seq: int, first: asyncio.Future[bool]) -> None:
+        """A redelivery of a message still being processed here: hold it (heartbeats keep
+        it ours) until the first delivery ends, then ack it too, or leave it for a later
+        redelivery when the first one was not acked. Nothing is processed or published."""
+        log.info("redelivered while in flight; following the first delivery", extra={"seq": seq})
+
+        async def follow() -> None:
+            try:
+                acked = await asyncio.shield(first)
+            finally:
+                self._held.pop(id(msg), None)
+            await quietly(msg.ack() if acked else msg.nak(delay=2.0))
+
+        task = asyncio.create_task(follow(), name=f"copy-{seq}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _run_chunk(self, chunk: list[tuple[Msg, BufferWrite]]) -> None:
         for msg, _ in chunk:  # the heartbeat keeps them ours while their PubAcks are awaited
             self._held[id(msg)] = msg
+        stored = [False] * len(chunk)
         try:
             stored = await self._pipeline.buffer_many([write for _, write in chunk])
         finally:
             for msg, _ in chunk:
                 self._held.pop(id(msg), None)
+            for (msg, _), ok in zip(chunk, stored, strict=True):
+                self._ended(msg, acked=ok)
         for (msg, _), ok in zip(chunk, stored, strict=True):
             # Not stored: JetStream redelivers the message a little later (the buffer's
             # Nats-Msg-Id keeps a stored-but-unconfirmed write from doubling).
@@ -230,16 +276,21 @@ class NatsSource:
                 kind=SpanKind.CONSUMER,
             ):
                 await self._process_until_done(intake)
+        except asyncio.CancelledError:  # shutdown: left unacked, redelivered to whoever runs next
+            self._ended(msg, acked=False)
+            raise
         except Exception:
             # Infrastructure failure (e.g. NATS publish timed out): the message is not
             # acked, JetStream redelivers it after a short delay.
-            log.exception("processing failed; message will be redelivered", extra={"seq": intake.seq})
             self._held.pop(id(msg), None)
+            self._ended(msg, acked=False)
+            log.exception("processing failed; message will be redelivered", extra={"seq": intake.seq})
             await quietly(msg.nak(delay=2.0))
             return
         finally:
             self._held.pop(id(msg), None)
             self._slots.release()
+        self._ended(msg, acked=True)
         await quietly(msg.ack())
 
     async def _process_until_done(self, intake: Intake) -> None:

@@ -97,10 +97,29 @@ def test_every_error_code_is_documented() -> None:
         assert f"`{code}`" in doc, f"docs/errors.md does not document {code}"
 
 
-def test_items_json_reads_but_utf8_cannot_still_parse_and_hash() -> None:
-    # A lone surrogate is legal in a JSON string escape and not in UTF-8.
-    item = parse_item(b'{"text": "a \\ud800 b"}', "tags", max_bytes=10_000)
-    assert item.text == "a \ud800 b" and len(item.id) == 64
+def test_a_lone_surrogate_is_a_bad_item_in_text_and_fields_but_echoed_in_metadata() -> None:
+    # A lone surrogate is legal in a JSON string escape, but it is not Unicode text: no
+    # provider can read it, so in what the model reads it is the item's fault (not retryable).
+    with pytest.raises(BadItemError) as err:
+        parse_item(b'{"text": "a \\ud800 b"}', "tags", max_bytes=10_000)
+    assert err.value.code == "invalid_text" and "surrogate" in err.value.message
+    with pytest.raises(BadItemError) as err:
+        parse_item(b'{"text": "x", "fields": {"t": "\\udfff"}}', "tags", max_bytes=10_000)
+    assert err.value.code == "invalid_fields"
+    paired = parse_item(b'{"text": "\\ud83d\\ude00 ok"}', "tags", max_bytes=10_000)  # a pair is fine
+    assert paired.text == "\U0001f600 ok"
+    echoed = parse_item(b'{"text": "x", "metadata": {"m": "\\ud800"}}', "tags", max_bytes=10_000)
+    assert echoed.metadata == {"m": "\ud800"} and len(echoed.id) == 64
+
+
+def test_an_integer_python_cannot_hold_is_invalid_json_and_salvage_never_raises() -> None:
+    # Python refuses to convert integers of more than 4,300 digits (a ValueError that is
+    # not a JSONDecodeError): it must end as a coded bad item, never escape as a crash.
+    raw = b'{"id": "huge", "text": "x", "metadata": {"n": ' + b"7" * 5000 + b"}}"
+    with pytest.raises(BadItemError) as err:
+        parse_item(raw, "tags", max_bytes=100_000)
+    assert err.value.code == "invalid_json" and "4300" in err.value.message
+    assert salvage(raw)[0].startswith("raw-")
     big = parse_item(
         b'{"id": "n1", "text": "x", "metadata": {"n": 123456789012345678901234567890}}',
         "tags",
