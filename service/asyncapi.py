@@ -87,7 +87,7 @@ def build_broker(subjects: Subjects, *, server: str = DEFAULT_SERVER) -> NatsBro
         ),
     )(_sync)
     broker.publisher(
-        subjects.out(HANDLER_PARAM),
+        f"{p}.out.{HANDLER_PARAM}",
         stream=_stream(subjects, "OUT", f"{p}.out.>"),
         title="out",
         schema=schemas.ResultEvent,
@@ -100,7 +100,7 @@ def build_broker(subjects: Subjects, *, server: str = DEFAULT_SERVER) -> NatsBro
         ),
     )
     broker.publisher(
-        subjects.dlq(HANDLER_PARAM),
+        f"{p}.dlq.{HANDLER_PARAM}",
         stream=_stream(subjects, "DLQ", f"{p}.dlq.>"),
         title="dlq",
         schema=schemas.DlqEntry,

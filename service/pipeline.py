@@ -156,7 +156,10 @@ class Pipeline:
         self.alerts: Alerter | None = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
         self.budget_recheck_s = 60.0
-        self._sync_flights: dict[tuple[str, str], asyncio.Future[dict[str, Any] | None]] = {}
+        # (handler, id) -> the call in flight and the intake sequence it answers
+        self._sync_flights: dict[
+            tuple[str, str], tuple[asyncio.Future[dict[str, Any] | None], int | None]
+        ] = {}
 
     # -- entry points -------------------------------------------------------------------
 
@@ -189,20 +192,23 @@ class Pipeline:
         # One provider call per (handler, id) at a time in this replica: a copy that
         # arrives meanwhile waits for it and gets its answer as `cached`.
         key = (item.handler, item.id)
-        leader = self._sync_flights.get(key)
-        if leader is not None:
+        leading = self._sync_flights.get(key)
+        if leading is not None:
+            leader, leader_seq = leading
             answer = await asyncio.shield(leader)
+            if answer is not None and intake.seq is not None and leader_seq == intake.seq:
+                return answer  # the same intake message, delivered again: its answer is out
             if answer is not None and answer.get("status") == "ok":
-                return await self._answer_from_store(intake, item, StoredResult(answer, None))
+                return await self._answer_from_store(intake, item, StoredResult(answer, leader_seq))
         flight: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        self._sync_flights[key] = flight
+        self._sync_flights[key] = (flight, intake.seq)
         event: dict[str, Any] | None = None
         try:
             event = await self._sync(intake, item, spec, body, force_sync=force_sync)
             return event
         finally:
             flight.set_result(event)
-            if self._sync_flights.get(key) is flight:
+            if self._sync_flights.get(key, (None, None))[0] is flight:
                 del self._sync_flights[key]
 
     def buffer_now(self, intake: Intake) -> BufferWrite | None:
@@ -295,6 +301,10 @@ class Pipeline:
         policy = self.config.retry
         attempt, waits, calls = 1, 0, 0
         started = time.monotonic()
+        # Retries stay within the item's deadline (when it was still ahead at the first
+        # call: an item already late is still given the whole budget, and answered late).
+        ahead = (item.deadline - self.clock()).total_seconds() if item.deadline is not None else None
+        deadline_at = started + ahead if ahead is not None and ahead > 0 else None
         spent = Usage(0, 0)
         invalid_retried = False
         last_message: str | None = None
@@ -348,6 +358,7 @@ class Pipeline:
                     rate_limit_waits=waits,
                     elapsed_s=time.monotonic() - started,
                     rng=self.rng,
+                    until_deadline_s=None if deadline_at is None else deadline_at - time.monotonic(),
                 )
                 if not decision.retry:
                     info = exc.info()

@@ -122,10 +122,13 @@ class ResultSettings(_Section):
 
 
 class RetrySettings(_Section):
-    max_attempts: int = Field(5, ge=1, le=50)
+    # Sync calls: a transient failure is retried until max_elapsed_s after the first call
+    # (the time budget) or the item's deadline, at most max_attempts calls. Batch lines:
+    # a line that failed transiently goes into up to max_attempts batches.
+    max_attempts: int = Field(10, ge=1, le=50)
     base_s: float = Field(0.5, gt=0)
     max_backoff_s: float = Field(30.0, gt=0)
-    max_elapsed_s: float = Field(300.0, gt=0)
+    max_elapsed_s: float = Field(60.0, gt=0)
 
 
 class PriceSettings(_Section):

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A handler name is one plain subject token. Anything else that arrives as a handler
+# (``enrich.in.*``, ``enrich.in.>``, ``enrich.in.a.b``: JetStream stores such subjects
+# literally) is answered on ``<prefix>.out._invalid`` / ``.dlq._invalid``, never on a
+# subject that a wildcard would turn into many (``enrich.out.>``).
+INVALID_HANDLER = "_invalid"
+_NOT_IN_A_TOKEN = frozenset(".*>")
+
+
+def handler_token(handler: str) -> str:
+    plain = 0 < len(handler) <= 128 and not any(c in _NOT_IN_A_TOKEN or c.isspace() for c in handler)
+    return handler if plain else INVALID_HANDLER
+
 
 @dataclass(frozen=True)
 class Subjects:
@@ -35,10 +47,10 @@ class Subjects:
         return f"{self.prefix}.sync."
 
     def out(self, handler: str) -> str:
-        return f"{self.prefix}.out.{handler}"
+        return f"{self.prefix}.out.{handler_token(handler)}"
 
     def dlq(self, handler: str) -> str:
-        return f"{self.prefix}.dlq.{handler}"
+        return f"{self.prefix}.dlq.{handler_token(handler)}"
 
     def event(self, topic: str) -> str:
         return f"{self.prefix}.events.{topic}"

@@ -1,5 +1,6 @@
-"""Retry policy: exponential backoff with full jitter, honouring ``retry-after``. Pure:
-the random source is passed in."""
+"""Retry policy: exponential backoff with jitter, honouring ``retry-after``, bounded by a
+number of calls, a time budget and the item's deadline. Pure: the random source and the
+times are passed in."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from service.core.errors import EnrichError, ProviderError
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 5
+    max_attempts: int = 10
     base_s: float = 0.5
     max_backoff_s: float = 30.0
-    max_elapsed_s: float = 300.0
+    # The time budget: no retry starts later than this after the first call. With the
+    # defaults, ten calls span more than a minute, so the budget is what ends retrying.
+    max_elapsed_s: float = 60.0
     # Waiting out a 429 does not use up an attempt, but at most this many in a row.
     max_rate_limit_waits: int = 50
 
     def backoff_s(self, attempt: int, rng: random.Random) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+        """Equal jitter: uniform in [c/2, c] with c = min(cap, base * 2**(attempt-1)). Half
+        of each wait is fixed, so retries really span the budget (with full jitter a run
+        of short draws could spend every attempt in a blip of a few seconds), and the
+        other half still spreads many clients apart."""
         ceiling = min(self.max_backoff_s, self.base_s * (2 ** max(0, attempt - 1)))
-        return rng.uniform(0, ceiling)
+        return rng.uniform(ceiling / 2, ceiling)
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,11 @@ def decide(
     rate_limit_waits: int,
     elapsed_s: float,
     rng: random.Random,
+    until_deadline_s: float | None = None,
 ) -> Decision:
-    """What to do after ``error`` on attempt number ``attempt`` (1-based)."""
+    """What to do after ``error`` on attempt number ``attempt`` (1-based), ``elapsed_s``
+    after the first call, with ``until_deadline_s`` left before the item's deadline (None:
+    no deadline). No retry would start after the budget or the deadline."""
     if not error.retryable:
         return Decision(retry=False)
     hint = error.retry_after_s if isinstance(error, ProviderError) else None
@@ -57,5 +66,7 @@ def decide(
         delay = max(hint, backoff) if hint is not None else backoff
         counts = True
     if elapsed_s + delay > policy.max_elapsed_s:
+        return Decision(retry=False)
+    if until_deadline_s is not None and delay > until_deadline_s:
         return Decision(retry=False)
     return Decision(retry=True, delay_s=delay, counts_as_attempt=counts)

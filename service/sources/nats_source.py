@@ -347,19 +347,27 @@ class NatsSource:
 
     async def on_max_deliveries(self, advisory: dict[str, Any]) -> None:
         """A message that was delivered ``max_deliver`` times without an ack: end it with
-        an error event and a DLQ entry instead of leaving it silently behind."""
+        an error event and a DLQ entry instead of leaving it silently behind. Never
+        raises (a core-NATS advisory is not sent again): what fails is logged."""
+        try:
+            await self._end_undelivered(advisory)
+        except Exception:  # noqa: BLE001 - the last resort must not fail silently either
+            reraise_if_cancelled()
+            log.exception("could not end a message after max deliveries", extra={"advisory": advisory})
+
+    async def _end_undelivered(self, advisory: dict[str, Any]) -> None:
         js = self._broker.config.connection_state.stream
         try:
             raw = await js.get_msg(advisory["stream"], advisory["stream_seq"])
-        except Exception:  # noqa: BLE001
-            log.exception("cannot fetch message after max deliveries", extra={"advisory": advisory})
+        except Exception:  # noqa: BLE001 - gone (limits, purge): nothing left to end
+            log.warning("message after max deliveries is gone", extra={"advisory": advisory})
             return
         subject = raw.subject or ""
         intake = Intake(
             raw=raw.data or b"",
             handler=subject.removeprefix(self._subjects.intake_prefix),
             subject=subject,
-            received_at=datetime.now(UTC),
+            received_at=raw.time.astimezone(UTC) if raw.time else datetime.now(UTC),
             seq=raw.seq,
         )
         error = EnrichError(
@@ -367,19 +375,28 @@ class NatsSource:
             f"delivered {advisory.get('deliveries')} times without completing",
             retryable=True,
         )
-        item_id = salvage(intake.raw)[0]
-        now = datetime.now(UTC)
+        item_id, metadata, source = salvage(intake.raw)  # never raises
         outcome = Outcome(
             id=item_id,
             handler=intake.handler,
             route="sync",
             model=None,
             received_at=intake.received_at,
-            completed_at=now,
+            completed_at=datetime.now(UTC),
             error=error.info(),
             attempts=int(advisory.get("deliveries") or 0),
+            metadata=metadata,
+            source=source,
         )
-        await self._pipeline.finish(outcome, item=None, intake=intake)
+        for attempt in range(3):  # NATS may be briefly unreachable: a few tries
+            try:
+                await self._pipeline.finish(outcome, item=None, intake=intake)
+                return
+            except Exception:  # noqa: BLE001
+                reraise_if_cancelled()
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(1.0 + attempt)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight items; returns how many were still running at the deadline

@@ -146,3 +146,51 @@ def test_cost(model: str, route_name: str, expected: float | None) -> None:
     table = {"gpt-4o-mini": Price(0.15, 0.60), "gpt-4o": Price(2.5, 10.0)}
     got = cost_usd(Usage(1000, 500), price_for(model, table), route=route_name, batch_discount=0.5)
     assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_transient_errors_are_retried_for_the_time_budget_not_a_second() -> None:
+    # A provider blip of a few seconds must not use up the retries (issue 10, point 7):
+    # with the defaults, the waits add up to the time budget before the calls run out.
+    policy = RetryPolicy()
+    rng = random.Random(3)
+    elapsed, attempt = 0.0, 1
+    while True:
+        d = decide(
+            policy,
+            err("connection_error", True),
+            attempt=attempt,
+            rate_limit_waits=0,
+            elapsed_s=elapsed,
+            rng=rng,
+        )
+        if not d.retry:
+            break
+        assert d.delay_s >= policy.backoff_s(attempt, random.Random(0)) / 2  # half of each wait is fixed
+        elapsed += d.delay_s
+        attempt += 1
+    assert 30.0 <= elapsed <= policy.max_elapsed_s and attempt <= policy.max_attempts
+
+
+def test_retries_stop_at_the_deadline() -> None:
+    policy = RetryPolicy()
+    rng = random.Random(1)
+    later = decide(
+        policy,
+        err("timeout", True),
+        attempt=4,
+        rate_limit_waits=0,
+        elapsed_s=3,
+        rng=rng,
+        until_deadline_s=1.0,
+    )
+    assert not later.retry  # the next wait (2-4 s) would end after the deadline
+    soon = decide(
+        policy,
+        err("timeout", True),
+        attempt=1,
+        rate_limit_waits=0,
+        elapsed_s=0,
+        rng=rng,
+        until_deadline_s=10.0,
+    )
+    assert soon.retry and soon.delay_s <= 0.5
