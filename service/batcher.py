@@ -437,7 +437,8 @@ class Batcher:
             if cached:
                 self.metrics.outcome(event, (now - received).total_seconds())
             payload = self.redact(dumps(event)).encode()
-            messages.append((self.subjects.out(r["handler"]), payload, {"Nats-Msg-Id": msg_id}))
+            headers = {"Nats-Msg-Id": msg_id, INTAKE_SEQ_HEADER: str(r["intake_seq"])}
+            messages.append((self.subjects.out(r["handler"]), payload, headers))
             answered.append(m)
         await self._acked(await self._send_nowait(messages), messages)
         for m in answered:

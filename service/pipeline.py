@@ -553,8 +553,8 @@ class Pipeline:
             received_at=intake.received_at,
             now=now,
         )
-        if intake.seq is not None:
-            await self.sink.result(event, msg_id=msg_id)
+        if intake.seq is not None:  # the header names the intake message this answers
+            await self.sink.result(event, msg_id=msg_id, intake_seq=intake.seq)
         if cached:
             self.counters.cached += 1
             self.metrics.outcome(event, (now - intake.received_at).total_seconds())
