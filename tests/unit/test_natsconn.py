@@ -52,6 +52,8 @@ def test_reconnect_backoff_doubles_up_to_a_cap() -> None:
 
 
 def test_faststream_lines_come_out_as_json() -> None:
+    import faststream  # noqa: F401 - as in the daemon: imported (with its handlers) before configure
+
     stream = io.StringIO()
     logs.configure(level="INFO", fmt="json", secrets=["pw-12345"], stream=stream)
     try:
