@@ -7,7 +7,14 @@ import asyncio
 from collections.abc import Callable
 
 from service.nats_embedded import EmbeddedNatsError, find_binary
-from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe, redact_url
+from service.natsconn import (
+    NatsUnreachableError,
+    cli_connect,
+    cli_nats_settings,
+    cli_url,
+    describe,
+    redact_url,
+)
 from service.providers.openai_sync import OpenAISyncProvider, classify_exception
 from service.settings import Settings
 
@@ -25,6 +32,11 @@ async def _check_nats(settings: Settings, say: Callable[[str], None]) -> bool:
         try:
             binary = find_binary()
         except EmbeddedNatsError as exc:
+            say(f"FAIL nats: {exc}")
+            return False
+        try:
+            cli_nats_settings(settings)  # its credentials file, when there is one, is readable
+        except NatsUnreachableError as exc:
             say(f"FAIL nats: {exc}")
             return False
         try:
