@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from service.natsconn import connect_kwargs, servers
+from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe, redact_url
 from service.settings import Settings
 from service.state.batches import BatchRecord, BatchStore
 from service.subjects import Subjects
@@ -25,17 +24,27 @@ class AdminError(Exception):
 
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[Client]:
-    url = settings.nats.url or f"nats://127.0.0.1:{settings.nats.embedded_port}"
+    """A NATS client for one command; AdminError (one line, the URL without its password)
+    when NATS cannot be reached within a few seconds, or fails while the command runs."""
     try:
-        nc = await nats.connect(
-            servers(url), connect_timeout=5, max_reconnect_attempts=1, **connect_kwargs(settings.nats)
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise AdminError(f"cannot reach NATS at {url}: {exc} (is the daemon running?)") from None
+        nc = await cli_connect(settings)
+    except NatsUnreachableError as exc:
+        raise AdminError(str(exc)) from None
     try:
         yield nc
+    except (AdminError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a NATS failure mid-command: one line
+        from nats.errors import Error as NatsError
+
+        if not isinstance(exc, NatsError | TimeoutError | OSError):
+            raise
+        raise AdminError(f"NATS at {redact_url(cli_url(settings))} failed: {describe(exc)}") from None
     finally:
-        await nc.close()
+        try:
+            await nc.close()
+        except Exception:  # noqa: BLE001, S110 - closing a broken connection
+            pass
 
 
 async def list_batches(settings: Settings) -> list[BatchRecord]:

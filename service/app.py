@@ -25,7 +25,15 @@ from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.health import HealthServer
 from service.nats_embedded import EmbeddedNats
-from service.natsconn import broker_security, servers
+from service.natsconn import (
+    ConnectionMonitor,
+    broker_security,
+    ensure_embedded_auth,
+    ensure_state_dir,
+    redact_url,
+    servers,
+    with_embedded_auth,
+)
 from service.pipeline import Clock, Pipeline, PipelineConfig, utcnow
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
@@ -43,6 +51,11 @@ from service.subjects import Subjects
 
 log = logging.getLogger("enrichd")
 HEADER_ROOM = 16 * 1024  # headers and framing, on top of a message's payload
+
+
+class DaemonFailedError(RuntimeError):
+    """The daemon stopped because it cannot work any more (e.g. NATS closed for good);
+    ``enrichd run`` exits non-zero so that systemd restarts it."""
 
 
 class Daemon:
@@ -74,24 +87,33 @@ class Daemon:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopped = False
+        self._failed: str | None = None
+        self._conn: ConnectionMonitor | None = None
 
     async def start(self) -> None:
         started = time.monotonic()
         s = self.settings
-        s.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_state_dir(s.state_dir)
         self.metrics, registry, self._meter_provider = telemetry.build(bool(s.telemetry.metrics_port))
         if s.telemetry.metrics_port:
             self._health = HealthServer(
                 s.telemetry.metrics_host, s.telemetry.metrics_port, self.is_ready, registry
             )
             await self._health.start()
+        nats_cfg = s.nats
         if s.nats.embedded:
-            self._embedded = EmbeddedNats(s.state_dir / "nats", port=s.nats.embedded_port)
+            # Not open to every local user: the server requires credentials generated
+            # once into the state dir (0600), which the command line reads too.
+            auth = ensure_embedded_auth(s.state_dir)
+            nats_cfg = with_embedded_auth(s.nats, auth)
+            self._embedded = EmbeddedNats(s.state_dir / "nats", port=s.nats.embedded_port, auth=auth)
             self.nats_url = await self._embedded.start()
         await self._start_provider()
+        self._conn = ConnectionMonitor(self.nats_url, self._fail)
         broker = NatsBroker(
             servers(self.nats_url),
-            security=broker_security(s.nats),
+            security=broker_security(nats_cfg),
+            **self._conn.broker_kwargs(),
             graceful_timeout=s.shutdown.grace_s,
             drain_timeout=5,
             logger=logging.getLogger("faststream"),
@@ -103,7 +125,9 @@ class Daemon:
             ),
         )
         self._broker = broker
+        self._conn.connecting()
         await broker.connect()
+        self._conn.connected_now()
         js = broker.config.connection_state.stream
         await ensure_streams(
             js,
@@ -245,12 +269,14 @@ class Daemon:
             asyncio.create_task(self.notifier.watchdog(self.is_ready), name="watchdog"),
             asyncio.create_task(self.stats.loop(), name="stats"),
         ]
+        if self._embedded is not None:
+            self._tasks.append(asyncio.create_task(self._watch_embedded(), name="embedded-nats"))
         self.ready.set()
         self.notifier.ready(f"consuming {self.subjects.intake_filter}")
         log.info(
             "enrichd ready",
             extra={
-                "nats": self.nats_url,
+                "nats": redact_url(self.nats_url),
                 "nats_embedded": s.nats.embedded,
                 "provider": self.provider_url or "https://api.openai.com/v1",
                 "emulator": self._emulator is not None,
@@ -317,27 +343,61 @@ class Daemon:
         return {"batch_id": info.id, "status": info.status}
 
     def is_ready(self) -> bool:
+        """Ready (``/readyz`` 200, ``WATCHDOG=1`` sent) only while consuming with NATS
+        connected: not while it reconnects, not once it is closed."""
         broker = self._broker
+        connection = broker.connection if broker is not None else None
         return (
             self.ready.is_set()
             and not self._stop.is_set()
-            and broker is not None
-            and broker.connection is not None
+            and connection is not None
+            and bool(connection.is_connected)
+            and self._conn is not None
+            and self._conn.connected
         )
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _fail(self, reason: str) -> None:
+        """Stop, and have ``run`` raise :class:`DaemonFailedError` (a non-zero exit)."""
+        if self._failed is None and not self._stop.is_set():
+            self._failed = reason
+            log.error(f"stopping: {reason}")
+        self._stop.set()
+
+    async def _watch_embedded(self) -> None:
+        embedded = self._embedded
+        while embedded is not None and not self._stop.is_set():
+            code = embedded.returncode()
+            if code is not None:
+                self._fail(f"the embedded nats-server exited ({code})")
+                return
+            await asyncio.sleep(1)
+
     async def run(self) -> None:
-        """Start, wait for SIGTERM/SIGINT, stop."""
+        """Start, wait for SIGTERM/SIGINT, stop. A signal during start-up (say while NATS
+        cannot be reached) stops at once. Raises :class:`DaemonFailedError` when it stopped
+        because it could not go on."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        stopped = asyncio.create_task(self._stop.wait(), name="stop-signal")
+        starting = asyncio.create_task(self.start(), name="start")
         try:
-            await self.start()
-            await self._stop.wait()
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # start-up errors propagate
+                await stopped
+            else:
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                log.info("stopped during start-up")
         finally:
+            stopped.cancel()
             await self.stop()
+        if self._failed is not None:
+            raise DaemonFailedError(self._failed)
 
     async def _close_clients(self) -> None:
         """Last shutdown stages: provider client, emulator, embedded server, endpoints."""
@@ -387,6 +447,8 @@ class Daemon:
             await _stage("today's tallies saved", self.stats.save(), 5)
         if self.alerts is not None:
             await _stage("alerts sent", self.alerts.drain(), 5)
+        if self._conn is not None:
+            self._conn.stopping = True
         if self._broker is not None:
             await _stage("nats connection drained", self._broker.stop(), 10)
             self._broker = None

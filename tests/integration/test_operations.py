@@ -74,7 +74,11 @@ async def test_embedded_defaults_start_nats_and_the_emulator(
     try:
         assert daemon.nats_url.endswith(f":{port}")
         assert any("SYNTHETIC" in r.getMessage() for r in caplog.records)
-        nc = await nats.connect(daemon.nats_url)
+        from service.natsconn import read_embedded_auth
+
+        auth = read_embedded_auth(tmp_path / "state")  # the embedded server requires it
+        assert auth is not None
+        nc = await nats.connect(daemon.nats_url, user=auth.user, password=auth.password)
         reply = json.loads(
             (await nc.request("enrich.sync.tags", b'{"text": "embedded works"}', timeout=10)).data
         )
