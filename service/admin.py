@@ -89,7 +89,7 @@ async def dlq_entries(
         if not info.state.messages:
             return []
         sub = await js.pull_subscribe(
-            subjects.dlq(handler) if handler else subjects.dlq(">"),
+            subjects.dlq(handler) if handler else subjects.dlq_filter,
             stream=stream,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
         )

@@ -52,6 +52,14 @@ class Subjects:
     def dlq(self, handler: str) -> str:
         return f"{self.prefix}.dlq.{handler_token(handler)}"
 
+    @property
+    def out_filter(self) -> str:
+        return f"{self.prefix}.out.>"
+
+    @property
+    def dlq_filter(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
     def event(self, topic: str) -> str:
         return f"{self.prefix}.events.{topic}"
 

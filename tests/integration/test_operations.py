@@ -186,8 +186,9 @@ async def test_cli_check_batches_dlq_and_submit(
     assert records[0]["batch_id"] in table.stdout and "published" in table.stdout
     shown = json.loads((await enrichd("batches", "show", records[0]["batch_id"], env=env)).stdout)
     assert shown["flush_id"] == records[0]["flush_id"]
-    dlq = json.loads((await enrichd("dlq", "list", "--json", env=env)).stdout)
-    assert [d["item"]["id"] for d in dlq] == ["dead-1"]
+    listed = await enrichd("dlq", "list", "--json", env=env)
+    dlq = json.loads(listed.stdout)
+    assert [d["item"]["id"] for d in dlq] == ["dead-1"], listed.stderr
     # cancel a batch in flight through the owning daemon
     emulator.set_faults(FaultConfig(batch_delay_s=30))
     await js_publish(nc, f"{prefix}.in.tags", {"id": "slow-1", "text": "will be cancelled"})
