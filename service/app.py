@@ -21,6 +21,7 @@ from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps, exceeded_events
 from service.core.events import iso
 from service.core.ratelimit import Limits
+from service.core.redact import redact_url, servers
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.health import HealthServer
@@ -30,8 +31,6 @@ from service.natsconn import (
     broker_security,
     ensure_embedded_auth,
     ensure_state_dir,
-    redact_url,
-    servers,
     with_embedded_auth,
 )
 from service.pipeline import Clock, Pipeline, PipelineConfig, utcnow

@@ -28,6 +28,7 @@ from pydantic_settings import (
 
 from handlers import HandlerConfigError, HandlerSpec, build_registry
 from service.core.cost import Price
+from service.core.redact import url_secrets
 
 DEFAULT_CONFIG = Path("config/enrichd.toml")
 _toml_path: ContextVar[Path | None] = ContextVar("enrichd_toml_path", default=None)
@@ -253,7 +254,6 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value, so logs and events can be scrubbed of them."""
-        from service.natsconn import url_secrets
 
         values = [self.openai.api_key, self.nats.password, self.nats.token]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]

@@ -17,7 +17,8 @@ from service.core.entries import FileFormatError, LineError
 from service.core.errors import BadItemError
 from service.core.formats import file_items
 from service.core.items import default_id
-from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe, redact_url
+from service.core.redact import redact_url
+from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe
 from service.settings import Settings
 from service.subjects import Subjects
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from service import logs
-from service.natsconn import reconnect_delay, redact_url, url_secrets
+from service.core.redact import redact_url, url_secrets
+from service.natsconn import reconnect_delay
 from service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
