@@ -162,6 +162,7 @@ class Daemon:
             results_chunk=s.batching.results_chunk,
             flush_ack_wait_s=s.batching.flush_ack_wait_s,
             lease_s=s.batching.lease_s,
+            give_up_after_s=s.batching.give_up_after_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
         self.pipeline.metrics = self.batcher.metrics = self.metrics

@@ -31,12 +31,12 @@ from service import failpoints, telemetry, tracing
 from service.aio import reraise_if_cancelled
 from service.alerts import Alerter
 from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
-from service.core import fastjson
+from service.core import batch_faults, fastjson
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
-from service.core.errors import ProviderError
+from service.core.errors import ErrorInfo, ProviderError
 from service.core.events import Outcome, dlq_entry, iso, result_event, result_msg_id, stored_answer
 from service.core.tokens import estimate_request_tokens
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
@@ -75,6 +75,7 @@ class Batcher:
         lease_s: float = 120.0,
         results_chunk: int = 1000,
         flush_ack_wait_s: float = 120.0,
+        give_up_after_s: float = 3600.0,
     ) -> None:
         self.js = js
         self.subjects = subjects
@@ -95,6 +96,7 @@ class Batcher:
         self.lease_s = lease_s
         self.results_chunk = results_chunk
         self.flush_ack_wait_s = flush_ack_wait_s
+        self.give_up_after_s = give_up_after_s
         self._wake = asyncio.Event()
         self._avg_bytes = 2048.0
         self._rng = random.Random()
@@ -513,10 +515,23 @@ class Batcher:
             log.info("adopted batch", extra={"flush_id": record.flush_id, "batch_id": record.batch_id})
         elif record.lease_until - time.time() < self.lease_s / 2:
             record = await self._save(record)  # renew: a batch that waits hours keeps its owner
-        if record.state == "prepared":
-            await self._submit(record)
-        elif record.state in ("submitted", "finished") and record.batch_id:
-            await self._follow(record)
+        if record.state == "finished" and record.end_error is not None:
+            await self._publish_ending(record)  # ended for good: (re)publish from the checkpoint
+            return
+        step: batch_faults.Step = "submit" if record.state == "prepared" else "follow"
+        try:
+            if record.state == "prepared":
+                await self._submit(record)
+            elif record.state in ("submitted", "finished") and record.batch_id:
+                if record.not_before > time.time():
+                    return  # backing off after a permanent failure
+                await self._follow(record)
+        except _DownloadError as exc:
+            await self._permanent_failure(record, exc.error, "download")
+        except ProviderError as exc:
+            if not batch_faults.is_permanent(exc.retryable):
+                raise
+            await self._permanent_failure(record, exc, step)
 
     async def enqueued_tokens(self, model: str, *, excluding: str) -> int:
         return sum(
@@ -545,7 +560,7 @@ class Batcher:
                     await self._save(record)
                 return
         if record.submit_attempts > 0:
-            found = await self.provider.find(record.flush_id, created_after=record.created_at)
+            found = await self._find(record)
             if found is not None:
                 log.info(
                     "reconciled batch created before a crash",
@@ -575,7 +590,10 @@ class Batcher:
                 create_error, info = exc, None
         if info is None:
             assert create_error is not None
-            found = await self.provider.find(record.flush_id, created_after=record.created_at)
+            found = await self._find(record)
+            if found is None and batch_faults.is_permanent(create_error.retryable):
+                await self.provider.delete_file(file_id)
+                raise create_error  # bounded in _permanent_failure
             if found is None:
                 record.not_before = time.time() + min(600.0, 2.0 ** min(record.submit_attempts, 9))
                 record.note = self.redact(f"create failed: {create_error.code}: {create_error.message}")
@@ -592,6 +610,14 @@ class Batcher:
         failpoints.hit("after_create")
         record.input_file_id = file_id
         await self._mark_submitted(record, info)
+
+    async def _find(self, record: BatchRecord) -> BatchInfo | None:
+        """The batch created for this flush, if any: never one it had before (a lost or
+        failed batch of the same flush is listed with the same tag)."""
+        found = await self.provider.find(record.flush_id, created_after=record.created_at)
+        if found is not None and found.id in record.previous_batch_ids:
+            return None
+        return found
 
     @contextlib.asynccontextmanager
     async def _lease_kept(self, record: BatchRecord) -> AsyncIterator[LeaseKeeper]:
@@ -641,6 +667,7 @@ class Batcher:
         record.state = "submitted"
         record.provider_status = info.status
         record.note = None
+        _clear_fault(record)
         record.status_changed_at = time.time()
         await self._save(record)
         await self.sink.lifecycle("batch.submitted", self._event_body(record), msg_id=f"{info.id}:submitted")
@@ -652,7 +679,10 @@ class Batcher:
         assert record.batch_id is not None
         info = await self.provider.retrieve(record.batch_id)
         failpoints.hit("while_polling")
-        if info.status != record.provider_status or info.request_counts != record.request_counts:
+        recovered = record.fault_step == "follow"
+        if recovered:
+            _clear_fault(record)
+        if recovered or info.status != record.provider_status or info.request_counts != record.request_counts:
             if info.status != record.provider_status:
                 record.status_changed_at = time.time()
             record.provider_status = info.status
@@ -676,6 +706,7 @@ class Batcher:
         if retried:
             items = await self.store.items(record.flush_id, bodies=retried)
         record.state = "finished"
+        _clear_fault(record)
         record = await self._save(record)
         await self._publish(record, info, items, actions)
 
@@ -697,6 +728,140 @@ class Batcher:
             extra={"flush_id": record.flush_id, "batch_id": info.id, "reason": why},
         )
 
+    # -- permanent provider failures (service.core.batch_faults) ------------------------
+
+    async def _permanent_failure(
+        self, record: BatchRecord, exc: ProviderError, step: batch_faults.Step
+    ) -> None:
+        """Alert at once, back off, and once the failure has lasted ``give_up_after_s``
+        end the flush: resubmit it (a lost batch or output file) or end its items."""
+        current = None
+        if record.fault_step is not None and record.fault_code is not None:
+            current = batch_faults.Fault(
+                record.fault_step, record.fault_code, record.fault_since, record.fault_count
+            )
+        decision = batch_faults.on_permanent_failure(
+            step,
+            exc.code,
+            exc.message,
+            current=current,
+            now=time.time(),
+            give_up_after_s=self.give_up_after_s,
+            base_s=self.poll_interval_s,
+            lost_batches=record.lost_batches,
+            max_lost=self.max_attempts,
+        )
+        if isinstance(decision, batch_faults.Retry):
+            fault = decision.fault
+            if decision.first:
+                await self._alert_fault(record, exc, step, fault)
+            record.fault_step, record.fault_code = fault.step, fault.code
+            record.fault_since, record.fault_count = fault.since, fault.count
+            record.not_before = decision.retry_at
+            record.note = self.redact(f"{step}: {exc.code}: {exc.message}")
+            await self._save(record)
+            log.warning(
+                "permanent provider error on a batch; backing off",
+                extra={
+                    "flush_id": record.flush_id,
+                    "batch_id": record.batch_id,
+                    "step": step,
+                    "error_code": exc.code,
+                    "failures": fault.count,
+                    "retry_in_s": round(decision.retry_at - time.time(), 1),
+                    "give_up_in_s": round(fault.since + self.give_up_after_s - time.time(), 1),
+                },
+            )
+        elif isinstance(decision, batch_faults.Resubmit):
+            await self._resubmit_lost(record, decision.reason)
+        else:
+            error = ErrorInfo(decision.code, self.redact(decision.message), decision.retryable)
+            await self._end_with_error(record, error)
+
+    async def _alert_fault(
+        self, record: BatchRecord, exc: ProviderError, step: str, fault: batch_faults.Fault
+    ) -> None:
+        now = time.time()
+        message = self.redact(
+            f"flush {record.flush_id}: {exc.code} while {step} ({exc.message}); "
+            f"its items end in {self.give_up_after_s:.0f}s unless it clears"
+        )
+        body = {
+            "kind": "batch_provider_error",
+            "key": record.flush_id,
+            "message": message,
+            "at": iso(datetime.fromtimestamp(now, UTC)),
+            "instance": self.instance_id,
+            "flush_id": record.flush_id,
+            "batch_id": record.batch_id,
+            "step": step,
+            "error_code": exc.code,
+            "give_up_after_s": self.give_up_after_s,
+        }
+        log.warning("alert: %s", message, extra={"alert": "batch_provider_error", "key": record.flush_id})
+        msg_id = f"alert:batch_provider_error:{record.flush_id}:{step}:{exc.code}:{fault.since:.0f}"
+        try:
+            await self.sink.lifecycle("alert", body, msg_id=msg_id)
+        except Exception:  # noqa: BLE001 - the log line above still tells
+            reraise_if_cancelled()
+            log.exception("could not publish an alert", extra={"alert": "batch_provider_error"})
+
+    async def _resubmit_lost(self, record: BatchRecord, reason: str) -> None:
+        """The provider lost the batch (or its output): the same flush becomes a new batch."""
+        lost = record.batch_id
+        assert lost is not None
+        await self.sink.lifecycle(
+            "batch.failed", {**self._event_body(record), "reason": reason}, msg_id=f"{lost}:failed"
+        )
+        old_input = record.input_file_id
+        record.previous_batch_ids.append(lost)
+        record.batch_id = None
+        record.input_file_id = None
+        record.provider_status = None
+        record.request_counts = {}
+        record.state = "prepared"
+        record.submit_attempts = 0
+        record.lost_batches += 1
+        record.not_before = 0.0
+        record.note = f"{reason}: resubmitting (batch {lost} lost)"
+        _clear_fault(record)
+        await self._save(record)
+        log.warning(
+            "batch lost by the provider; resubmitting the flush",
+            extra={"flush_id": record.flush_id, "batch_id": lost, "reason": reason},
+        )
+        if old_input:
+            await self.provider.delete_file(old_input)
+
+    async def _end_with_error(self, record: BatchRecord, error: ErrorInfo) -> None:
+        """Every item of the flush ends with ``error`` (result event + DLQ). Durable first:
+        a restart publishes the same endings from the checkpoint."""
+        record.end_error = error.to_dict()
+        record.state = "finished"
+        record.note = f"ended: {error.code}"
+        _clear_fault(record)
+        await self._save(record)
+        log.error(
+            "gave up on a batch; ending its items",
+            extra={"flush_id": record.flush_id, "batch_id": record.batch_id, "error_code": error.code},
+        )
+        await self._publish_ending(record)
+
+    async def _publish_ending(self, record: BatchRecord) -> None:
+        assert record.end_error is not None
+        error = ErrorInfo(**record.end_error)
+        items = await self.store.items(record.flush_id, bodies=False)
+        actions: list[Action] = [Fail(error, Usage(0, 0), error.message)] * len(items)
+        info = BatchInfo(
+            id=record.batch_id or record.flush_id,
+            status="failed",
+            created_at=0,
+            output_file_id=None,
+            error_file_id=None,
+            request_counts=record.request_counts,
+        )
+        await self._publish(record, info, items, actions, reason=error.code)
+
     async def _line_actions(self, info: BatchInfo, items: list[dict[str, Any]]) -> list[Action]:
         """Stream the error file, then the output file, into per-item actions."""
         collector = ActionCollector(items, self.registry, status=info.status, max_attempts=self.max_attempts)
@@ -704,15 +869,26 @@ class Batcher:
             if not file_id:
                 continue
             reader = LineReader()
-            async for chunk in self.provider.download(file_id):
-                collector.add(reader.feed(chunk))
+            try:
+                async for chunk in self.provider.download(file_id):
+                    collector.add(reader.feed(chunk))
+            except ProviderError as exc:
+                if not batch_faults.is_permanent(exc.retryable):
+                    raise
+                raise _DownloadError(exc) from None
             collector.add(reader.finish())
         return collector.result()
 
     # -- results -------------------------------------------------------------------------
 
     async def _publish(
-        self, record: BatchRecord, info: BatchInfo, items: list[dict[str, Any]], actions: list[Action]
+        self,
+        record: BatchRecord,
+        info: BatchInfo,
+        items: list[dict[str, Any]],
+        actions: list[Action],
+        *,
+        reason: str | None = None,
     ) -> None:
         counts = {"ok": 0, "error": 0, "retried": 0}
         for action in actions:
@@ -755,9 +931,10 @@ class Batcher:
             "cancelled": "batch.cancelled",
             "failed": "batch.failed",
         }.get(info.status, "batch.completed")
-        await self.sink.lifecycle(
-            topic, {**self._event_body(record), **counts}, msg_id=f"{info.id}:{info.status}"
-        )
+        body: dict[str, Any] = {**self._event_body(record), **counts}
+        if reason is not None:
+            body["reason"] = reason
+        await self.sink.lifecycle(topic, body, msg_id=f"{info.id}:{info.status}")
         await self.store.drop_items(record.flush_id)
         if record.input_file_id:
             await self.provider.delete_file(record.input_file_id)
@@ -928,6 +1105,19 @@ def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:
     tokens = estimate_request_tokens(body)
     del record["body"]
     return line, size, tokens
+
+
+class _DownloadError(Exception):
+    """A permanent failure reading a finished batch's output or error file."""
+
+    def __init__(self, error: ProviderError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _clear_fault(record: BatchRecord) -> None:
+    record.fault_step = record.fault_code = None
+    record.fault_since, record.fault_count = 0.0, 0
 
 
 @dataclass
