@@ -108,6 +108,11 @@ class Batcher:
         # (handler, item id) of the items in this replica's flushes not yet published:
         # later messages with the same key wait for the answer instead of paying again.
         self._inflight_keys: dict[tuple[str, str], str] = {}
+        # The copies held back meanwhile, unacked (kept alive with in_progress), by key:
+        # answered from the result store as soon as the first copy's flush is published.
+        self._held: dict[tuple[str, str], list[HeldCopy]] = {}
+        self._held_seqs: dict[str, set[int]] = {}  # by buffer subject
+        self._empty_fetches: dict[str, int] = {}  # due by the stream, nothing to fetch
         self._advancing: set[str] = set()  # flush ids this replica is submitting or following
         self.metrics: Metrics = telemetry.build(False)[0]
         self.alerts: Alerter | None = None
@@ -132,14 +137,19 @@ class Batcher:
         info = await self.js.stream_info(stream, subjects_filter=self.subjects.buffer_filter)
         states: dict[str, BufferState] = {}
         for subject, count in (info.state.subjects or {}).items():
-            if not count:
+            held = self._held_seqs.get(subject, set())
+            count -= len(held)  # copies this replica holds back wait for an answer, not a flush
+            if count <= 0:
                 continue
             oldest = None
             try:
-                first = await self.js.get_msg(
-                    stream, seq=info.state.first_seq or 1, next=True, subject=subject
-                )
-                oldest = first.time
+                seq = info.state.first_seq or 1
+                for _ in range(1 + min(len(held), 50)):
+                    first = await self.js.get_msg(stream, seq=seq, next=True, subject=subject)
+                    oldest = first.time
+                    if first.seq not in held:
+                        break
+                    seq = first.seq + 1
             except Exception:  # noqa: BLE001 - a message flushed meanwhile; age unknown this round
                 oldest = None
             states[subject] = BufferState(count=count, bytes=int(count * self._avg_bytes), oldest=oldest)
@@ -157,7 +167,8 @@ class Batcher:
                     if reason is not None and self._blocked_until.get(subject, 0.0) > time.monotonic():
                         continue  # waiting for the budget
                     if reason is not None:
-                        log.info(
+                        log.log(
+                            logging.DEBUG if self._empty_fetches.get(subject) else logging.INFO,
                             "flushing buffer",
                             extra={"buffer": subject, "reason": reason, "items": state.count},
                         )
@@ -165,6 +176,10 @@ class Batcher:
                         delay = 0.0
                     else:
                         delay = min(delay, until_next_check(self.policy, state, now))
+                await self._release_ready()
+                if self._held:
+                    await self._keep_held_alive()
+                    delay = min(delay, self.flush_ack_wait_s / 3)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -216,7 +231,10 @@ class Batcher:
     async def flush(self, subject: str) -> BatchRecord | None:
         """Move up to one batch worth of buffered items into a durable flush record."""
         with self.tracer.start_as_current_span("enrich.batch.flush", attributes={"enrichd.buffer": subject}):
-            record = await self._flush(subject)
+            try:
+                record = await self._flush(subject)
+            finally:
+                await self._release_quietly()  # copies of items that did not go into this flush
             if record is not None:
                 trace.get_current_span().set_attributes(
                     {"enrichd.flush_id": record.flush_id, "enrichd.items": record.count}
@@ -229,7 +247,13 @@ class Batcher:
     async def _flush(self, subject: str) -> BatchRecord | None:
         msgs = await self._fetch(subject, self.policy.max_items)
         if not msgs:
+            # The stream counts messages no fetch gets now (held by another replica, or
+            # NAKed with a delay): look again later, backing off, instead of spinning.
+            empty = self._empty_fetches[subject] = self._empty_fetches.get(subject, 0) + 1
+            wait = min(max(5.0, self.poll_interval_s), 0.25 * 2 ** min(empty, 8))
+            self._blocked_until[subject] = time.monotonic() + wait
             return None
+        self._empty_fetches.pop(subject, None)
         seqs = [m.metadata.sequence.stream for m in msgs]
         flush_id = f"f{min(seqs)}-{subject.rsplit('.', 1)[-1]}"[:120]
         existing = await self.store.get(flush_id)
@@ -242,10 +266,7 @@ class Batcher:
         if msgs:
             msgs, records = await self._answer_stored(msgs, records)
         if not msgs:
-            # Everything fetched was answered from the store or waits for an item with the
-            # same id in flight: look at this buffer again after a poll interval, not at once.
-            self._blocked_until[subject] = time.monotonic() + self.poll_interval_s
-            return None
+            return None  # everything fetched was answered from the store or is held back
         seqs = [m.metadata.sequence.stream for m in msgs]
         stored = [encoded[r["cid"]][0] for r in records]
         sizes = [encoded[r["cid"]][1] for r in records]
@@ -305,9 +326,9 @@ class Batcher:
     ) -> tuple[list[Any], list[dict[str, Any]], dict[str, tuple[bytes, int, int]]]:
         """Decode buffered records. The same intake message buffered twice is sent once.
         Another message with the same (handler, id) as one in this flush, or as one in a
-        flush of this replica still in flight, is held back in the buffer: once the first
-        one's answer is stored it is answered from the store (``cached``), so the provider
-        is not paid twice for one item.
+        flush of this replica still in flight, is held back (unacked, :meth:`_hold`): once
+        the first one's flush is published it is answered from the store (``cached``), so
+        the provider is not paid twice for one item.
 
         Each record's request body is encoded as it is decoded (:func:`encode_for_flush`,
         by custom id) and dropped: decoded, the bodies of a whole flush would be most of
@@ -322,8 +343,7 @@ class Batcher:
                 continue
             key = (r["handler"], r["item"]["id"])
             if key in keys or key in self._inflight_keys:
-                delivered = int(getattr(m.metadata, "num_delivered", 1) or 1)
-                await m.nak(delay=min(300.0, self.poll_interval_s * 2 ** min(delivered, 8)))
+                await self._hold(key, m, r)
                 continue
             seen.add(r["cid"])
             keys.add(key)
@@ -331,6 +351,57 @@ class Batcher:
             records.append(r)
             unique.append(m)
         return unique, records, encoded
+
+    async def _hold(self, key: tuple[str, str], msg: Any, record: dict[str, Any]) -> None:
+        """Hold a copy back until the first copy's answer is stored (:meth:`_release_ready`)."""
+        if sum(len(v) for v in self._held.values()) >= MAX_HELD:
+            await msg.nak(delay=self.poll_interval_s)  # too many held: the buffer keeps the rest
+            return
+        record.pop("body", None)  # only the answer's metadata is needed
+        self._held.setdefault(key, []).append(HeldCopy(msg.subject, msg, record, time.monotonic()))
+        self._held_seqs.setdefault(msg.subject, set()).add(msg.metadata.sequence.stream)
+
+    async def _release_ready(self) -> None:
+        """Answer the held copies whose first copy is no longer in flight in this replica:
+        from the result store (``cached``, each with its own metadata); a copy whose
+        first one got no stored answer (an error) goes back to the buffer for a flush."""
+        ready = [key for key in self._held if key not in self._inflight_keys]
+        if not ready:
+            return
+        copies = [copy for key in ready for copy in self._held.pop(key)]
+        for copy in copies:
+            self._held_seqs.get(copy.subject, set()).discard(copy.msg.metadata.sequence.stream)
+        try:
+            left, _ = await self._answer_stored([c.msg for c in copies], [c.record for c in copies])
+            for m in left:
+                await m.nak()
+        except Exception:
+            reraise_if_cancelled()
+            for copy in copies:  # try again next round (a published answer is deduplicated)
+                key = (copy.record["handler"], copy.record["item"]["id"])
+                self._held.setdefault(key, []).append(copy)
+                self._held_seqs.setdefault(copy.subject, set()).add(copy.msg.metadata.sequence.stream)
+            raise
+        if left:
+            self._wake.set()
+
+    async def _release_quietly(self) -> None:
+        """:meth:`_release_ready`, its failure logged: the flush loop tries again."""
+        try:
+            await self._release_ready()
+        except Exception:
+            reraise_if_cancelled()
+            log.exception("answering held copies failed; trying again")
+
+    async def _keep_held_alive(self) -> None:
+        """``in_progress`` for held copies, often enough that ``flush_ack_wait_s`` never
+        hands them to another fetch while the first copy's batch runs (hours at times)."""
+        now = time.monotonic()
+        for copies in list(self._held.values()):
+            for copy in copies:
+                if now - copy.touched >= self.flush_ack_wait_s / 3:
+                    await copy.msg.in_progress()
+                    copy.touched = now
 
     async def _answer_stored(
         self, msgs: list[Any], records: list[dict[str, Any]]
@@ -470,6 +541,7 @@ class Batcher:
             )
         active = {r.flush_id for r in records if r.state in ACTIVE_STATES}
         self._inflight_keys = {k: f for k, f in self._inflight_keys.items() if f in active}
+        await self._release_quietly()  # e.g. a flush another replica took over and published
         for record in records:
             if self._closing:
                 return
@@ -942,6 +1014,7 @@ class Batcher:
             "batch done",
             extra={"flush_id": record.flush_id, "batch_id": info.id, "status": info.status, **counts},
         )
+        await self._release_quietly()  # copies of these items get their cached answers now
 
     async def _settle_budget(
         self, record: BatchRecord, items: list[dict[str, Any]], actions: list[Action]
@@ -1083,6 +1156,14 @@ class Batcher:
 
     async def close(self) -> None:
         """Release the buffer subscriptions (a pending pull would stall the NATS drain)."""
+        held, self._held = self._held, {}
+        self._held_seqs = {}
+        for copies in held.values():
+            for copy in copies:  # back to the buffer now rather than after flush_ack_wait_s
+                try:
+                    await copy.msg.nak()
+                except Exception:  # noqa: BLE001 - redelivered after ack_wait anyway
+                    log.debug("nak of a held copy failed", exc_info=True)
         subs, self._subs = self._subs, {}
         for sub in subs.values():
             try:
@@ -1105,6 +1186,19 @@ def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:
     tokens = estimate_request_tokens(body)
     del record["body"]
     return line, size, tokens
+
+
+MAX_HELD = 20_000  # copies held back in memory at most; beyond, they wait in the buffer
+
+
+@dataclass
+class HeldCopy:
+    """A buffered copy of an item in flight, held unacked until its answer is stored."""
+
+    subject: str
+    msg: Any
+    record: dict[str, Any]
+    touched: float  # monotonic time of the last delivery or in_progress
 
 
 class _DownloadError(Exception):
