@@ -40,7 +40,9 @@ async def lifecycle(js: Any, daemon: Any, prefix: str, topic: str, count: int) -
     return events(await read_stream(js, daemon.subjects.stream("EVENTS"), f"{prefix}.events.{topic}", count))
 
 
-async def test_an_upload_answered_401_ends_every_item_with_auth_failed(make_daemon, nc, prefix, emulator) -> None:
+async def test_an_upload_answered_401_ends_every_item_with_auth_failed(
+    make_daemon, nc, prefix, emulator
+) -> None:
     from service.emulator import FaultConfig
 
     emulator.set_faults(FaultConfig(file_upload_status=401))
