@@ -173,3 +173,38 @@ async def test_twenty_copies_of_one_item_are_paid_once_and_answered_at_once(
     flushes = sum(1 for m in batch_log.messages if m == "flushing buffer")
     assert flushes <= 3, f"{flushes} 'flushing buffer' lines for one batch"
     assert len(await results(js, daemon, prefix, 21, timeout_s=1.5)) == 20, "one event per copy"
+
+
+@pytest.mark.slow
+async def test_sigkill_while_ending_items_then_restart_gives_one_error_each(
+    nats_url, nc, prefix, emulator, tmp_path
+) -> None:
+    from service.emulator import FaultConfig
+    from tests.integration.proc import DaemonProcess
+    from tests.integration.test_crash import daemon_env, wait_exit
+
+    emulator.set_faults(FaultConfig(file_upload_status=401))
+    env = {
+        **daemon_env(tmp_path, nats_url, prefix, emulator.base_url),
+        "ENRICHD_BATCHING__GIVE_UP_AFTER_S": "1",
+    }
+    daemon = DaemonProcess(env, tmp_path / "daemon.log")
+    daemon.start(extra_env={"ENRICHD_FAILPOINT": "mid_publish", "ENRICHD_FAILPOINT_AFTER": "0"})
+    js = nc.jetstream()
+    n = 20  # one flush (max_items 20), published in chunks of 10
+    await publish_many(
+        js, f"{prefix}.in.tags", [{"id": f"k{i:02d}", "text": f"killed {i}"} for i in range(n)]
+    )
+    assert await wait_exit(daemon) == -9, f"mid_publish was not reached:\n{daemon.log_tail()}"
+    daemon.start()
+    try:
+        stream = prefix.upper() + "_OUT"
+        await read_stream(js, stream, f"{prefix}.out.tags", n, timeout_s=45)
+        out = events(await read_stream(js, stream, f"{prefix}.out.tags", n + 1, timeout_s=3))
+        dlq = events(await read_stream(js, prefix.upper() + "_DLQ", f"{prefix}.dlq.tags", n + 1, timeout_s=3))
+    finally:
+        assert daemon.terminate() == 0, daemon.log_tail()
+    ids = Counter(e["id"] for e in out)
+    assert len(ids) == n and set(ids.values()) == {1}, f"{ids}\n{daemon.log_tail()}"
+    assert all(e["status"] == "error" and e["error"]["code"] == "auth_failed" for e in out)
+    assert sorted(d["item"]["id"] for d in dlq) == sorted(ids)
