@@ -126,3 +126,16 @@ def test_a_zero_bound_ends_at_the_first_failure() -> None:
         max_lost=5,
     )
     assert isinstance(decision, End) and decision.code == "auth_failed" and not decision.retryable
+
+
+def test_emulator_one_shot_faults_forget_and_output_404() -> None:
+    from service.emulator.config import FaultConfig
+    from service.emulator.faults import plan_batch_faults
+
+    assert plan_batch_faults(FaultConfig(), "forget").forget
+    assert plan_batch_faults(FaultConfig(), "output_404").output_404
+    plain = plan_batch_faults(FaultConfig(), None)
+    assert not plain.forget and not plain.output_404
+    assert FaultConfig(file_upload_status=401).file_upload_status == 401
+    with pytest.raises(ValueError):
+        FaultConfig(file_upload_status=200)
