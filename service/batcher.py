@@ -354,7 +354,7 @@ class Batcher:
 
     async def _hold(self, key: tuple[str, str], msg: Any, record: dict[str, Any]) -> None:
         """Hold a copy back until the first copy's answer is stored (:meth:`_release_ready`)."""
-        if sum(len(v) for v in self._held.values()) >= MAX_HELD:
+        if sum(len(seqs) for seqs in self._held_seqs.values()) >= MAX_HELD:
             await msg.nak(delay=self.poll_interval_s)  # too many held: the buffer keeps the rest
             return
         record.pop("body", None)  # only the answer's metadata is needed
