@@ -199,6 +199,7 @@ class Daemon:
             lease_s=s.batching.lease_s,
             max_tokens_param=s.openai.max_tokens_param,
             max_message_bytes=max_message,
+            give_up_after_s=s.batching.give_up_after_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
         self.pipeline.metrics = self.batcher.metrics = self.metrics

@@ -31,12 +31,12 @@ from service import failpoints, telemetry, tracing
 from service.aio import reraise_if_cancelled
 from service.alerts import Alerter
 from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
-from service.core import fastjson
+from service.core import batch_faults, fastjson
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price, Usage, cost_usd, price_for
-from service.core.errors import BadItemError, EnrichError, ProviderError
+from service.core.errors import BadItemError, EnrichError, ErrorInfo, ProviderError
 from service.core.events import (
     Outcome,
     dlq_entry,
@@ -86,6 +86,7 @@ class Batcher:
         flush_ack_wait_s: float = 120.0,
         max_tokens_param: str = "max_completion_tokens",
         max_message_bytes: int = 1024 * 1024 - 16 * 1024,
+        give_up_after_s: float = 3600.0,
     ) -> None:
         self.js = js
         self.subjects = subjects
@@ -108,6 +109,7 @@ class Batcher:
         self.flush_ack_wait_s = flush_ack_wait_s
         self.max_tokens_param = max_tokens_param
         self.max_message_bytes = max_message_bytes  # the server's max_payload, less headers
+        self.give_up_after_s = give_up_after_s
         self._wake = asyncio.Event()
         self._avg_bytes = 2048.0
         self._rng = random.Random()
@@ -119,6 +121,11 @@ class Batcher:
         # (handler, item id) of the items in this replica's flushes not yet published:
         # later messages with the same key wait for the answer instead of paying again.
         self._inflight_keys: dict[tuple[str, str], str] = {}
+        # The copies held back meanwhile, unacked (kept alive with in_progress), by key:
+        # answered from the result store as soon as the first copy's flush is published.
+        self._held: dict[tuple[str, str], list[HeldCopy]] = {}
+        self._held_seqs: dict[str, set[int]] = {}  # by buffer subject
+        self._empty_fetches: dict[str, int] = {}  # due by the stream, nothing to fetch
         self._advancing: set[str] = set()  # flush ids this replica is submitting or following
         self.metrics: Metrics = telemetry.build(False)[0]
         self.alerts: Alerter | None = None
@@ -143,14 +150,19 @@ class Batcher:
         info = await self.js.stream_info(stream, subjects_filter=self.subjects.buffer_filter)
         states: dict[str, BufferState] = {}
         for subject, count in (info.state.subjects or {}).items():
-            if not count:
+            held = self._held_seqs.get(subject, set())
+            count -= len(held)  # copies this replica holds back wait for an answer, not a flush
+            if count <= 0:
                 continue
             oldest = None
             try:
-                first = await self.js.get_msg(
-                    stream, seq=info.state.first_seq or 1, next=True, subject=subject
-                )
-                oldest = first.time
+                seq = info.state.first_seq or 1
+                for _ in range(1 + min(len(held), 50)):
+                    first = await self.js.get_msg(stream, seq=seq, next=True, subject=subject)
+                    oldest = first.time
+                    if first.seq not in held:
+                        break
+                    seq = first.seq + 1
             except Exception:  # noqa: BLE001 - a message flushed meanwhile; age unknown this round
                 oldest = None
             states[subject] = BufferState(count=count, bytes=int(count * self._avg_bytes), oldest=oldest)
@@ -168,7 +180,8 @@ class Batcher:
                     if reason is not None and self._blocked_until.get(subject, 0.0) > time.monotonic():
                         continue  # waiting for the budget
                     if reason is not None:
-                        log.info(
+                        log.log(
+                            logging.DEBUG if self._empty_fetches.get(subject) else logging.INFO,
                             "flushing buffer",
                             extra={"buffer": subject, "reason": reason, "items": state.count},
                         )
@@ -176,6 +189,10 @@ class Batcher:
                         delay = 0.0
                     else:
                         delay = min(delay, until_next_check(self.policy, state, now))
+                await self._release_ready()
+                if self._held:
+                    await self._keep_held_alive()
+                    delay = min(delay, self.flush_ack_wait_s / 3)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -227,7 +244,10 @@ class Batcher:
     async def flush(self, subject: str) -> BatchRecord | None:
         """Move up to one batch worth of buffered items into a durable flush record."""
         with self.tracer.start_as_current_span("enrich.batch.flush", attributes={"enrichd.buffer": subject}):
-            record = await self._flush(subject)
+            try:
+                record = await self._flush(subject)
+            finally:
+                await self._release_quietly()  # copies of items that did not go into this flush
             if record is not None:
                 trace.get_current_span().set_attributes(
                     {"enrichd.flush_id": record.flush_id, "enrichd.items": record.count}
@@ -240,7 +260,13 @@ class Batcher:
     async def _flush(self, subject: str) -> BatchRecord | None:
         msgs = await self._fetch(subject, self.policy.max_items)
         if not msgs:
+            # The stream counts messages no fetch gets now (held by another replica, or
+            # NAKed with a delay): look again later, backing off, instead of spinning.
+            empty = self._empty_fetches[subject] = self._empty_fetches.get(subject, 0) + 1
+            wait = min(max(5.0, self.poll_interval_s), 0.25 * 2 ** min(empty, 8))
+            self._blocked_until[subject] = time.monotonic() + wait
             return None
+        self._empty_fetches.pop(subject, None)
         seqs = [m.metadata.sequence.stream for m in msgs]
         flush_id = f"f{min(seqs)}-{subject.rsplit('.', 1)[-1]}"[:120]
         existing = await self.store.get(flush_id)
@@ -253,10 +279,7 @@ class Batcher:
         if msgs:
             msgs, records = await self._answer_stored(msgs, records)
         if not msgs:
-            # Everything fetched was answered from the store or waits for an item with the
-            # same id in flight: look at this buffer again after a poll interval, not at once.
-            self._blocked_until[subject] = time.monotonic() + self.poll_interval_s
-            return None
+            return None  # everything fetched was answered from the store or is held back
         seqs = [m.metadata.sequence.stream for m in msgs]
         stored = [encoded[r["cid"]][0] for r in records]
         sizes = [encoded[r["cid"]][1] for r in records]
@@ -316,9 +339,9 @@ class Batcher:
     ) -> tuple[list[Any], list[dict[str, Any]], dict[str, tuple[bytes, int, int]]]:
         """Decode buffered records. The same intake message buffered twice is sent once.
         Another message with the same (handler, id) as one in this flush, or as one in a
-        flush of this replica still in flight, is held back in the buffer: once the first
-        one's answer is stored it is answered from the store (``cached``), so the provider
-        is not paid twice for one item.
+        flush of this replica still in flight, is held back (unacked, :meth:`_hold`): once
+        the first one's flush is published it is answered from the store (``cached``), so
+        the provider is not paid twice for one item.
 
         Each record's request body is encoded as it is decoded (:func:`encode_for_flush`,
         by custom id) and dropped: decoded, the bodies of a whole flush would be most of
@@ -332,17 +355,16 @@ class Batcher:
             if r["cid"] in seen:
                 await m.ack()
                 continue
+            key = (r["handler"], r["item"]["id"])
+            if key in keys or key in self._inflight_keys:
+                await self._hold(key, m, r)
+                continue
             if "body" not in r:
                 try:
                     r["body"] = request_body(r, self.registry, self.max_tokens_param)
                 except EnrichError as exc:  # the handler changed since the item was buffered
                     unbuildable.append((m, r, exc))
                     continue
-            key = (r["handler"], r["item"]["id"])
-            if key in keys or key in self._inflight_keys:
-                delivered = int(getattr(m.metadata, "num_delivered", 1) or 1)
-                await m.nak(delay=min(300.0, self.poll_interval_s * 2 ** min(delivered, 8)))
-                continue
             seen.add(r["cid"])
             keys.add(key)
             encoded[r["cid"]] = encode_for_flush(r)
@@ -404,6 +426,57 @@ class Batcher:
         await self._acked(await self._send_nowait(messages), messages)
         for m, _, _ in failed:
             await m.ack()
+
+    async def _hold(self, key: tuple[str, str], msg: Any, record: dict[str, Any]) -> None:
+        """Hold a copy back until the first copy's answer is stored (:meth:`_release_ready`)."""
+        if sum(len(seqs) for seqs in self._held_seqs.values()) >= MAX_HELD:
+            await msg.nak(delay=self.poll_interval_s)  # too many held: the buffer keeps the rest
+            return
+        record.pop("body", None)  # only the answer's metadata is needed
+        self._held.setdefault(key, []).append(HeldCopy(msg.subject, msg, record, time.monotonic()))
+        self._held_seqs.setdefault(msg.subject, set()).add(msg.metadata.sequence.stream)
+
+    async def _release_ready(self) -> None:
+        """Answer the held copies whose first copy is no longer in flight in this replica:
+        from the result store (``cached``, each with its own metadata); a copy whose
+        first one got no stored answer (an error) goes back to the buffer for a flush."""
+        ready = [key for key in self._held if key not in self._inflight_keys]
+        if not ready:
+            return
+        copies = [copy for key in ready for copy in self._held.pop(key)]
+        for copy in copies:
+            self._held_seqs.get(copy.subject, set()).discard(copy.msg.metadata.sequence.stream)
+        try:
+            left, _ = await self._answer_stored([c.msg for c in copies], [c.record for c in copies])
+            for m in left:
+                await m.nak()
+        except Exception:
+            reraise_if_cancelled()
+            for copy in copies:  # try again next round (a published answer is deduplicated)
+                key = (copy.record["handler"], copy.record["item"]["id"])
+                self._held.setdefault(key, []).append(copy)
+                self._held_seqs.setdefault(copy.subject, set()).add(copy.msg.metadata.sequence.stream)
+            raise
+        if left:
+            self._wake.set()
+
+    async def _release_quietly(self) -> None:
+        """:meth:`_release_ready`, its failure logged: the flush loop tries again."""
+        try:
+            await self._release_ready()
+        except Exception:
+            reraise_if_cancelled()
+            log.exception("answering held copies failed; trying again")
+
+    async def _keep_held_alive(self) -> None:
+        """``in_progress`` for held copies, often enough that ``flush_ack_wait_s`` never
+        hands them to another fetch while the first copy's batch runs (hours at times)."""
+        now = time.monotonic()
+        for copies in list(self._held.values()):
+            for copy in copies:
+                if now - copy.touched >= self.flush_ack_wait_s / 3:
+                    await copy.msg.in_progress()
+                    copy.touched = now
 
     async def _answer_stored(
         self, msgs: list[Any], records: list[dict[str, Any]]
@@ -544,6 +617,7 @@ class Batcher:
             )
         active = {r.flush_id for r in records if r.state in ACTIVE_STATES}
         self._inflight_keys = {k: f for k, f in self._inflight_keys.items() if f in active}
+        await self._release_quietly()  # e.g. a flush another replica took over and published
         for record in records:
             if self._closing:
                 return
@@ -589,10 +663,23 @@ class Batcher:
             log.info("adopted batch", extra={"flush_id": record.flush_id, "batch_id": record.batch_id})
         elif record.lease_until - time.time() < self.lease_s / 2:
             record = await self._save(record)  # renew: a batch that waits hours keeps its owner
-        if record.state == "prepared":
-            await self._submit(record)
-        elif record.state in ("submitted", "finished") and record.batch_id:
-            await self._follow(record)
+        if record.state == "finished" and record.end_error is not None:
+            await self._publish_ending(record)  # ended for good: (re)publish from the checkpoint
+            return
+        step: batch_faults.Step = "submit" if record.state == "prepared" else "follow"
+        try:
+            if record.state == "prepared":
+                await self._submit(record)
+            elif record.state in ("submitted", "finished") and record.batch_id:
+                if record.not_before > time.time():
+                    return  # backing off after a permanent failure
+                await self._follow(record)
+        except _DownloadError as exc:
+            await self._permanent_failure(record, exc.error, "download")
+        except ProviderError as exc:
+            if not batch_faults.is_permanent(exc.retryable):
+                raise
+            await self._permanent_failure(record, exc, step)
 
     async def enqueued_tokens(self, model: str, *, excluding: str) -> int:
         return sum(
@@ -621,7 +708,7 @@ class Batcher:
                     await self._save(record)
                 return
         if record.submit_attempts > 0:
-            found = await self.provider.find(record.flush_id, created_after=record.created_at)
+            found = await self._find(record)
             if found is not None:
                 log.info(
                     "reconciled batch created before a crash",
@@ -651,7 +738,10 @@ class Batcher:
                 create_error, info = exc, None
         if info is None:
             assert create_error is not None
-            found = await self.provider.find(record.flush_id, created_after=record.created_at)
+            found = await self._find(record)
+            if found is None and batch_faults.is_permanent(create_error.retryable):
+                await self.provider.delete_file(file_id)
+                raise create_error  # bounded in _permanent_failure
             if found is None:
                 record.not_before = time.time() + min(600.0, 2.0 ** min(record.submit_attempts, 9))
                 record.note = self.redact(f"create failed: {create_error.code}: {create_error.message}")
@@ -668,6 +758,14 @@ class Batcher:
         failpoints.hit("after_create")
         record.input_file_id = file_id
         await self._mark_submitted(record, info)
+
+    async def _find(self, record: BatchRecord) -> BatchInfo | None:
+        """The batch created for this flush, if any: never one it had before (a lost or
+        failed batch of the same flush is listed with the same tag)."""
+        found = await self.provider.find(record.flush_id, created_after=record.created_at)
+        if found is not None and found.id in record.previous_batch_ids:
+            return None
+        return found
 
     @contextlib.asynccontextmanager
     async def _lease_kept(self, record: BatchRecord) -> AsyncIterator[LeaseKeeper]:
@@ -717,6 +815,7 @@ class Batcher:
         record.state = "submitted"
         record.provider_status = info.status
         record.note = None
+        _clear_fault(record)
         record.status_changed_at = time.time()
         await self._save(record)
         await self.sink.lifecycle("batch.submitted", self._event_body(record), msg_id=f"{info.id}:submitted")
@@ -728,7 +827,10 @@ class Batcher:
         assert record.batch_id is not None
         info = await self.provider.retrieve(record.batch_id)
         failpoints.hit("while_polling")
-        if info.status != record.provider_status or info.request_counts != record.request_counts:
+        recovered = record.fault_step == "follow"
+        if recovered:
+            _clear_fault(record)
+        if recovered or info.status != record.provider_status or info.request_counts != record.request_counts:
             if info.status != record.provider_status:
                 record.status_changed_at = time.time()
             record.provider_status = info.status
@@ -752,6 +854,7 @@ class Batcher:
         if retried:
             items = await self.store.items(record.flush_id, bodies=retried)
         record.state = "finished"
+        _clear_fault(record)
         record = await self._save(record)
         await self._publish(record, info, items, actions)
 
@@ -773,6 +876,140 @@ class Batcher:
             extra={"flush_id": record.flush_id, "batch_id": info.id, "reason": why},
         )
 
+    # -- permanent provider failures (service.core.batch_faults) ------------------------
+
+    async def _permanent_failure(
+        self, record: BatchRecord, exc: ProviderError, step: batch_faults.Step
+    ) -> None:
+        """Alert at once, back off, and once the failure has lasted ``give_up_after_s``
+        end the flush: resubmit it (a lost batch or output file) or end its items."""
+        current = None
+        if record.fault_step is not None and record.fault_code is not None:
+            current = batch_faults.Fault(
+                record.fault_step, record.fault_code, record.fault_since, record.fault_count
+            )
+        decision = batch_faults.on_permanent_failure(
+            step,
+            exc.code,
+            exc.message,
+            current=current,
+            now=time.time(),
+            give_up_after_s=self.give_up_after_s,
+            base_s=self.poll_interval_s,
+            lost_batches=record.lost_batches,
+            max_lost=self.max_attempts,
+        )
+        if isinstance(decision, batch_faults.Retry):
+            fault = decision.fault
+            if decision.first:
+                await self._alert_fault(record, exc, step, fault)
+            record.fault_step, record.fault_code = fault.step, fault.code
+            record.fault_since, record.fault_count = fault.since, fault.count
+            record.not_before = decision.retry_at
+            record.note = self.redact(f"{step}: {exc.code}: {exc.message}")
+            await self._save(record)
+            log.warning(
+                "permanent provider error on a batch; backing off",
+                extra={
+                    "flush_id": record.flush_id,
+                    "batch_id": record.batch_id,
+                    "step": step,
+                    "error_code": exc.code,
+                    "failures": fault.count,
+                    "retry_in_s": round(decision.retry_at - time.time(), 1),
+                    "give_up_in_s": round(fault.since + self.give_up_after_s - time.time(), 1),
+                },
+            )
+        elif isinstance(decision, batch_faults.Resubmit):
+            await self._resubmit_lost(record, decision.reason)
+        else:
+            error = ErrorInfo(decision.code, self.redact(decision.message), decision.retryable)
+            await self._end_with_error(record, error)
+
+    async def _alert_fault(
+        self, record: BatchRecord, exc: ProviderError, step: str, fault: batch_faults.Fault
+    ) -> None:
+        now = time.time()
+        message = self.redact(
+            f"flush {record.flush_id}: {exc.code} while {step} ({exc.message}); "
+            f"its items end in {self.give_up_after_s:.0f}s unless it clears"
+        )
+        body = {
+            "kind": "batch_provider_error",
+            "key": record.flush_id,
+            "message": message,
+            "at": iso(datetime.fromtimestamp(now, UTC)),
+            "instance": self.instance_id,
+            "flush_id": record.flush_id,
+            "batch_id": record.batch_id,
+            "step": step,
+            "error_code": exc.code,
+            "give_up_after_s": self.give_up_after_s,
+        }
+        log.warning("alert: %s", message, extra={"alert": "batch_provider_error", "key": record.flush_id})
+        msg_id = f"alert:batch_provider_error:{record.flush_id}:{step}:{exc.code}:{fault.since:.0f}"
+        try:
+            await self.sink.lifecycle("alert", body, msg_id=msg_id)
+        except Exception:  # noqa: BLE001 - the log line above still tells
+            reraise_if_cancelled()
+            log.exception("could not publish an alert", extra={"alert": "batch_provider_error"})
+
+    async def _resubmit_lost(self, record: BatchRecord, reason: str) -> None:
+        """The provider lost the batch (or its output): the same flush becomes a new batch."""
+        lost = record.batch_id
+        assert lost is not None
+        await self.sink.lifecycle(
+            "batch.failed", {**self._event_body(record), "reason": reason}, msg_id=f"{lost}:failed"
+        )
+        old_input = record.input_file_id
+        record.previous_batch_ids.append(lost)
+        record.batch_id = None
+        record.input_file_id = None
+        record.provider_status = None
+        record.request_counts = {}
+        record.state = "prepared"
+        record.submit_attempts = 0
+        record.lost_batches += 1
+        record.not_before = 0.0
+        record.note = f"{reason}: resubmitting (batch {lost} lost)"
+        _clear_fault(record)
+        await self._save(record)
+        log.warning(
+            "batch lost by the provider; resubmitting the flush",
+            extra={"flush_id": record.flush_id, "batch_id": lost, "reason": reason},
+        )
+        if old_input:
+            await self.provider.delete_file(old_input)
+
+    async def _end_with_error(self, record: BatchRecord, error: ErrorInfo) -> None:
+        """Every item of the flush ends with ``error`` (result event + DLQ). Durable first:
+        a restart publishes the same endings from the checkpoint."""
+        record.end_error = error.to_dict()
+        record.state = "finished"
+        record.note = f"ended: {error.code}"
+        _clear_fault(record)
+        await self._save(record)
+        log.error(
+            "gave up on a batch; ending its items",
+            extra={"flush_id": record.flush_id, "batch_id": record.batch_id, "error_code": error.code},
+        )
+        await self._publish_ending(record)
+
+    async def _publish_ending(self, record: BatchRecord) -> None:
+        assert record.end_error is not None
+        error = ErrorInfo(**record.end_error)
+        items = await self.store.items(record.flush_id, bodies=False)
+        actions: list[Action] = [Fail(error, Usage(0, 0), error.message)] * len(items)
+        info = BatchInfo(
+            id=record.batch_id or record.flush_id,
+            status="failed",
+            created_at=0,
+            output_file_id=None,
+            error_file_id=None,
+            request_counts=record.request_counts,
+        )
+        await self._publish(record, info, items, actions, reason=error.code)
+
     async def _line_actions(self, info: BatchInfo, items: list[dict[str, Any]]) -> list[Action]:
         """Stream the error file, then the output file, into per-item actions."""
         collector = ActionCollector(items, self.registry, status=info.status, max_attempts=self.max_attempts)
@@ -780,15 +1017,26 @@ class Batcher:
             if not file_id:
                 continue
             reader = LineReader()
-            async for chunk in self.provider.download(file_id):
-                collector.add(reader.feed(chunk))
+            try:
+                async for chunk in self.provider.download(file_id):
+                    collector.add(reader.feed(chunk))
+            except ProviderError as exc:
+                if not batch_faults.is_permanent(exc.retryable):
+                    raise
+                raise _DownloadError(exc) from None
             collector.add(reader.finish())
         return collector.result()
 
     # -- results -------------------------------------------------------------------------
 
     async def _publish(
-        self, record: BatchRecord, info: BatchInfo, items: list[dict[str, Any]], actions: list[Action]
+        self,
+        record: BatchRecord,
+        info: BatchInfo,
+        items: list[dict[str, Any]],
+        actions: list[Action],
+        *,
+        reason: str | None = None,
     ) -> None:
         counts = {"ok": 0, "error": 0, "retried": 0}
         for action in actions:
@@ -831,9 +1079,10 @@ class Batcher:
             "cancelled": "batch.cancelled",
             "failed": "batch.failed",
         }.get(info.status, "batch.completed")
-        await self.sink.lifecycle(
-            topic, {**self._event_body(record), **counts}, msg_id=f"{info.id}:{info.status}"
-        )
+        body: dict[str, Any] = {**self._event_body(record), **counts}
+        if reason is not None:
+            body["reason"] = reason
+        await self.sink.lifecycle(topic, body, msg_id=f"{info.id}:{info.status}")
         await self.store.drop_items(record.flush_id)
         if record.input_file_id:
             await self.provider.delete_file(record.input_file_id)
@@ -841,6 +1090,7 @@ class Batcher:
             "batch done",
             extra={"flush_id": record.flush_id, "batch_id": info.id, "status": info.status, **counts},
         )
+        await self._release_quietly()  # copies of these items get their cached answers now
 
     async def _settle_budget(
         self, record: BatchRecord, items: list[dict[str, Any]], actions: list[Action]
@@ -981,6 +1231,14 @@ class Batcher:
 
     async def close(self) -> None:
         """Release the buffer subscriptions (a pending pull would stall the NATS drain)."""
+        held, self._held = self._held, {}
+        self._held_seqs = {}
+        for copies in held.values():
+            for copy in copies:  # back to the buffer now rather than after flush_ack_wait_s
+                try:
+                    await copy.msg.nak()
+                except Exception:  # noqa: BLE001 - redelivered after ack_wait anyway
+                    log.debug("nak of a held copy failed", exc_info=True)
         subs, self._subs = self._subs, {}
         for sub in subs.values():
             try:
@@ -1016,6 +1274,32 @@ def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:
     tokens = estimate_request_tokens(body)
     del record["body"]
     return line, size, tokens
+
+
+MAX_HELD = 20_000  # copies held back in memory at most; beyond, they wait in the buffer
+
+
+@dataclass
+class HeldCopy:
+    """A buffered copy of an item in flight, held unacked until its answer is stored."""
+
+    subject: str
+    msg: Any
+    record: dict[str, Any]
+    touched: float  # monotonic time of the last delivery or in_progress
+
+
+class _DownloadError(Exception):
+    """A permanent failure reading a finished batch's output or error file."""
+
+    def __init__(self, error: ProviderError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _clear_fault(record: BatchRecord) -> None:
+    record.fault_step = record.fault_code = None
+    record.fault_since, record.fault_count = 0.0, 0
 
 
 @dataclass

@@ -101,6 +101,7 @@ class BatchingSettings(_Section):
     results_chunk: int = Field(1000, ge=1, le=50_000)
     flush_ack_wait_s: float = Field(120.0, gt=0)
     lease_s: float = Field(120.0, gt=0)
+    give_up_after_s: float = Field(3600.0, ge=0)
 
 
 class RoutingSettings(_Section):

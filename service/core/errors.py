@@ -39,6 +39,7 @@ RETRYABLE_CODES: dict[str, str] = {
     "connection_error": "the provider could not be reached",
     "batch_expired": "the batch expired before this request ran",
     "batch_cancelled": "the batch was cancelled before this request ran",
+    "batch_lost": "the provider lost the batch or its output file, also after resubmitting it",
     "max_deliveries": "the intake message was delivered nats.max_deliver times without completing",
     "budget_exceeded": "a sync request found today's budget spent (intake items wait instead)",
     "internal": "the daemon failed while handling a sync request (its log says why)",

@@ -118,6 +118,12 @@ class BatchRunner:
         elif outcome == "cancelled":
             await state.sleep(min(phase_s / 2, 1.0))  # in-flight requests finishing
         self._write_files(batch, results)
+        if plan.output_404:
+            # The batch names its files, but the provider lost them: content answers 404.
+            state.stats.faults_injected["batch_output_404"] += 1
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if file_id is not None:
+                    state.files.delete(file_id)
         transition(batch, outcome, state.now())
 
     def _validation_failed(

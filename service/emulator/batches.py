@@ -223,6 +223,10 @@ class BatchStore:
             raise batch_not_found(batch_id)
         return batch
 
+    def forget(self, batch_id: str) -> None:
+        """Drop a batch as if the provider had lost it (fault ``forget``)."""
+        self._batches.pop(batch_id, None)
+
     def page(self, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
         records = list(reversed(self._batches.values()))
         if after is not None:

@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-BatchFault = Literal["none", "expire", "fail_validation", "token_limit", "cancel", "create_500"]
+BatchFault = Literal[
+    "none", "expire", "fail_validation", "token_limit", "cancel", "create_500", "forget", "output_404"
+]
 """One entry of :attr:`FaultConfig.batch_faults_next`, applied to a single created batch.
 
 - ``none``: no extra fault for that batch (use it to skip a position in the list).
@@ -19,6 +21,10 @@ BatchFault = Literal["none", "expire", "fail_validation", "token_limit", "cancel
 - ``token_limit``: the batch fails with ``token_limit_exceeded``.
 - ``cancel``: the provider cancels the batch half-way through ``in_progress``.
 - ``create_500``: the batch is created but the create call answers HTTP 500.
+- ``forget``: the create call answers normally, then the provider forgets the batch: it
+  never runs, is not listed, and retrieving or cancelling it answers 404.
+- ``output_404``: the batch runs and completes, but its output and error files are gone:
+  their content (and retrieve) answers 404 ``No such File object``.
 """
 
 Fraction = Field(default=0.0, ge=0.0, le=1.0)
@@ -59,10 +65,13 @@ class FaultConfig(BaseModel):
     batch_delay_s: float | None = Field(default=None, ge=0.0)
     batch_create_500_after_create: bool = False
     batch_create_latency_s: float = Field(default=0.0, ge=0.0)
-    file_upload_latency_s: float = Field(default=0.0, ge=0.0)
-    """Seconds before ``POST /v1/files`` answers (a large file over a slow link)."""
     """Seconds before ``POST /v1/batches`` creates the batch and answers (the real API can
     take seconds; until then the batch is not listed)."""
+    file_upload_latency_s: float = Field(default=0.0, ge=0.0)
+    """Seconds before ``POST /v1/files`` answers (a large file over a slow link)."""
+    file_upload_status: int | None = Field(default=None, ge=400, le=599)
+    """Every ``POST /v1/files`` answers this HTTP error (e.g. 401 ``invalid_api_key``: a key
+    that may not upload), with the same envelope as a ``status`` marker."""
     empty_string_file_ids: bool = False
     batch_faults_next: list[BatchFault] = Field(default_factory=list)
 

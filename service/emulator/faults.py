@@ -123,6 +123,8 @@ class BatchFaultPlan:
     create_500: bool = False
     line_error_rate: float = 0.0
     stuck_finalizing_s: float = 0.0
+    forget: bool = False
+    output_404: bool = False
 
 
 def plan_batch_faults(faults: FaultConfig, next_fault: BatchFault | None) -> BatchFaultPlan:
@@ -136,6 +138,8 @@ def plan_batch_faults(faults: FaultConfig, next_fault: BatchFault | None) -> Bat
         create_500=faults.batch_create_500_after_create or next_fault == "create_500",
         line_error_rate=faults.batch_line_error_rate,
         stuck_finalizing_s=faults.batch_stuck_finalizing_s,
+        forget=next_fault == "forget",
+        output_404=next_fault == "output_404",
     )
 
 

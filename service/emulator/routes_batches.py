@@ -58,6 +58,13 @@ class BatchRoutes:
         logger.info(
             "batch %s created (endpoint=%s, input=%s) -> validating", batch.id, batch.endpoint, source.id
         )
+        if plan.forget:
+            # Answered normally, then lost: never run, never listed, 404 from now on.
+            state.stats.faults_injected["batch_forget"] += 1
+            answer = self._json(batch)
+            state.batches.forget(batch.id)
+            logger.info("batch %s forgotten by the provider (fault)", batch.id)
+            return web.json_response(answer)
         self._runner.launch(batch, plan, source.data)
         if plan.create_500:
             # The batch exists and runs; only the answer is lost (the duplicate-batch hazard).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import BodyPartReader, web
 
-from .errors import EmulatedError, invalid_value
+from .errors import EmulatedError, error_for_status, invalid_value
 from .files import check_upload, expiry_seconds
 from .http_common import list_body, query_int
 from .state import EmulatorState
@@ -28,6 +28,9 @@ class FileRoutes:
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
         await self._state.sleep(self._state.faults.file_upload_latency_s)
+        if self._state.faults.file_upload_status is not None:
+            self._state.stats.faults_injected["file_upload_status"] += 1
+            raise error_for_status(self._state.faults.file_upload_status)
         if not request.content_type.startswith("multipart/"):
             raise EmulatedError(
                 400, f"Invalid Content-Type header ({request.content_type}), expected multipart/form-data."

@@ -56,6 +56,13 @@ class BatchRecord:
     status_changed_at: float = 0.0
     budget_day: str | None = None
     reserved_usd: float = 0.0
+    # A run of permanent provider failures (service.core.batch_faults.Fault), if any.
+    fault_step: str | None = None
+    fault_code: str | None = None
+    fault_since: float = 0.0
+    fault_count: int = 0
+    lost_batches: int = 0  # batches of this flush the provider lost (or lost the output of)
+    end_error: dict[str, Any] | None = None  # set: every item ends with this error
     revision: int = 0  # KV revision this copy was read at (not stored)
 
     def to_json(self) -> bytes:
