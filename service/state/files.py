@@ -485,19 +485,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_COPY_RESERVE = len(" (99999)") + len(".error.json")
+_ERROR_SUFFIX = ".error.json"
 
 
 def unique_path(folder: Path, name: str) -> Path:
     """``folder/name``, or ``folder/stem (2).ext`` ... when that is taken. A name too
-    long to take `` (n)`` and ``.error.json`` is shortened first (:func:`fit_name`)."""
-    name = fit_name(name, reserve=_COPY_RESERVE)
-    candidate, n = folder / name, 1
-    stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
-    while os.path.lexists(candidate) or os.path.lexists(f"{candidate}.error.json"):
+    long to take ``.error.json`` (and `` (n)``) is shortened first (:func:`fit_name`)."""
+    n = 1
+    while True:
+        candidate = folder / _numbered(name, n)
+        if not os.path.lexists(candidate) and not os.path.lexists(f"{candidate}{_ERROR_SUFFIX}"):
+            return candidate
         n += 1
-        candidate = folder / (f"{stem} ({n}){dot}{ext}")
-    return candidate
+
+
+def _numbered(name: str, n: int) -> str:
+    if n == 1:
+        return fit_name(name, reserve=len(_ERROR_SUFFIX))
+    stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+    tail = f" ({n}){dot}{ext}"
+    return fit_name(stem, reserve=len(os.fsencode(tail)) + len(_ERROR_SUFFIX)) + tail
 
 
 def move_into(folder: Path, path: Path) -> Path:
