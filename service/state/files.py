@@ -521,7 +521,8 @@ def write_error(
     """``<file>.error.json`` beside a failed file."""
     path = target.with_name(target.name + ".error.json")
     body = {"file": display(target.name), "path": display(rel), "handler": handler}
-    body.update(code=code, message=display(message), at=iso(at))
+    text = display(message)
+    body.update(code=code, message=text if len(text) <= 4000 else text[:4000] + "…", at=iso(at))
     atomic_write(path, json.dumps(body, ensure_ascii=False, indent=2).encode() + b"\n")
     return path
 
