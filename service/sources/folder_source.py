@@ -434,10 +434,11 @@ class FolderSource:
         with the reason, the results received so far beside it when they can be written
         there, the state removed."""
         meta = job.meta
+        complete = meta.state == ACCEPTED and not job.remaining
         self._results.forget(job)
         source = Path(meta.moved_to) if meta.moved_to else Path(meta.source)
         target = self._fail(source, Path(meta.rel), meta.handler, code, message)
-        if target is not None and job.remaining == set() and meta.state == ACCEPTED:
+        if target is not None and complete:
             name = files.fit_name(target.name, ".results.jsonl")
             try:
                 await asyncio.to_thread(files.write_results, job.state, target.parent, (), name)
