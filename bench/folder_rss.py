@@ -3,10 +3,13 @@
 ``enrichd run`` as a real process; the figure is the kernel's VmHWM of that process.
 
     .venv/bin/python -m bench.folder_rss [--lines 100000] [--max-items 10000] [--via nats]
+                                         [--format json]
 
 Prints the phases (read, accepted, done) and the peak RSS; exits 1 above --limit-mb.
 ``--via nats`` publishes the same items straight to intake instead (no folder source), to
-tell the folder source's memory from the rest of the daemon's.
+tell the folder source's memory from the rest of the daemon's. ``--format json`` drops the
+same items as one ``.json`` list (one element per line) instead of a ``.jsonl``;
+``--text-bytes N`` pads each item's text to about N bytes.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ def spawn(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "service", "run"], cwd=ROOT, env=env, stderr=log)
 
 
-def write_jsonl(path: Path, lines: int) -> None:
+def write_jsonl(path: Path, lines: int, fmt: str = "jsonl", text_bytes: int = 0) -> None:
+    pad = " " + "lorem ipsum " * (text_bytes // 12) if text_bytes else ""
     with path.open("w") as f:
+        f.write("[\n" if fmt == "json" else "")
         for i in range(lines):
-            f.write(
-                json.dumps({"id": f"r{i:07d}", "text": f"row {i}: a short note about topic {i % 97}"}) + "\n"
-            )
+            item = json.dumps({"id": f"r{i:07d}", "text": f"row {i}: a short note about topic {i % 97}{pad}"})
+            f.write(item + ("\n" if fmt == "jsonl" else ",\n" if i < lines - 1 else "\n]\n"))
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
@@ -71,9 +75,10 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     }
     log = (work / "daemon.log").open("wb")
     proc = spawn(env, log)
-    source = work / "big.jsonl"
-    write_jsonl(source, args.lines)
-    results = work / "outbox" / "tags" / "big.jsonl.results.jsonl"
+    name = f"big.{args.format}"
+    source = work / name
+    write_jsonl(source, args.lines, args.format, args.text_bytes)
+    results = work / "outbox" / "tags" / f"{name}.results.jsonl"
     try:
         while b"watching folder" not in (work / "daemon.log").read_bytes():
             assert proc.poll() is None, "the daemon exited"
@@ -84,7 +89,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
             await publish_directly(url, source)
         else:
             (work / "inbox" / "tags").mkdir(parents=True, exist_ok=True)
-            os.replace(source, work / "inbox" / "tags" / "big.jsonl")
+            os.replace(source, work / "inbox" / "tags" / name)
         marks: dict[str, float] = {}
         while not await finished(url, args, results):
             assert proc.poll() is None, "the daemon exited"
@@ -93,7 +98,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                 if mark not in marks and f'"{mark}"'.encode() in text:
                     marks[mark] = time.monotonic() - started
                     print(
-                        f"{mark:>14}: {marks[mark]:6.1f} s  RSS {rss_mb(proc.pid, 'VmRSS'):4.0f} MB",
+                        f"{mark:>14}: {marks[mark]:6.1f} s  RSS {rss_mb(proc.pid, 'VmRSS'):4.0f} MB"
+                        f"  peak so far {rss_mb(proc.pid, 'VmHWM'):4.0f} MB",
                         flush=True,
                     )
             await asyncio.sleep(0.2)
@@ -149,6 +155,8 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=10_000, help="batching.max_items")
     parser.add_argument("--limit-mb", type=float, default=400.0)
     parser.add_argument("--via", choices=("folder", "nats"), default="folder", help="nats: no folder source")
+    parser.add_argument("--format", choices=("jsonl", "json"), default="jsonl", help="json: one .json list")
+    parser.add_argument("--text-bytes", type=int, default=0, help="pad each item's text to about this size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="enrichd-bench-") as tmp:
         sys.exit(asyncio.run(run(args, Path(tmp))))

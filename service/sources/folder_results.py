@@ -1,6 +1,12 @@
 """The results collector of the folder source (step 5, *collect*, of the life of a file in
 :mod:`service.sources.folder_source`): :class:`ResultCollector`, a durable pull consumer on
-``<prefix>.out.>`` that spools each result a claimed file awaits (fsync, then ack)."""
+``<prefix>.out.>`` that spools each result a claimed file awaits (fsync, then ack).
+
+A result belongs to a file when it answers the intake message that file published (its
+``Enrichd-Intake-Seq`` header, or the ``:cached:``/``:error:``/``:dup:<seq>`` suffix of
+its ``Nats-Msg-Id``), not merely when it carries an id the file awaits: two files with the
+same content publish the same ids, and each gets its own event (the second a ``cached``
+copy with its own metadata, source and times)."""
 
 from __future__ import annotations
 
@@ -13,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from service.aio import quietly, reraise_if_cancelled
+from service.sinks.events import INTAKE_SEQ_HEADER
 from service.subjects import Subjects
 
 if TYPE_CHECKING:
@@ -26,6 +34,8 @@ log = logging.getLogger("enrichd.folders")
 FETCH = 500  # result events per pull
 RESULTS_ACK_WAIT_S = 10.0
 RETRY_S = 5.0
+DEFER_S = 1.0  # a result that came before its intake PubAck: redelivered after this
+_SEQ_KINDS = ("cached", "error", "dup")
 
 
 class ResultCollector:
@@ -96,36 +106,75 @@ class ResultCollector:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                await self._collect(msgs)
+                later = await self._collect(msgs)
             except Exception:  # noqa: BLE001 - e.g. disk full: not acked, so redelivered
                 reraise_if_cancelled()
                 log.exception("storing results failed; they will be redelivered")
                 await asyncio.sleep(RETRY_S)
                 continue
             for msg in msgs:
-                await quietly(msg.ack())
+                await quietly(msg.nak(delay=DEFER_S) if id(msg) in later else msg.ack())
 
     async def close(self) -> None:
         if self._sub is not None:
             await quietly(self._sub.unsubscribe())
             self._sub = None
 
-    async def _collect(self, msgs: list[Any]) -> None:
+    async def _collect(self, msgs: list[Msg]) -> set[int]:
+        """Spool what the files await; returns the ``id()`` of the messages to see again
+        later (a file awaits that id but does not know yet which intake message is its own)."""
         prefix = self._subjects.prefix + ".out."
         batch: dict[Job, list[tuple[str, bytes]]] = {}
+        later: set[int] = set()
         for msg in msgs:
             ids = self._pending.get(msg.subject.removeprefix(prefix))
             item_id = _event_id(msg.data) if ids else None
-            for job in ids.get(item_id, ()) if ids and item_id else ():
-                if item_id in job.remaining:
+            jobs = ids.get(item_id, ()) if ids and item_id else ()
+            if not jobs or item_id is None:
+                continue
+            seq = answered_seq(msg.headers)
+            for job in jobs:
+                if item_id not in job.remaining:
+                    continue
+                verdict = belongs(job.seqs, item_id, seq)
+                if verdict is None:
+                    later.add(id(msg))
+                elif verdict:
                     batch.setdefault(job, []).append((item_id, msg.data))
-        if not batch:
-            return
-        await asyncio.to_thread(_spool, batch)
+        if batch:
+            await asyncio.to_thread(_spool, batch)
         for job, lines in batch.items():
             for key, _ in lines:
                 self.received(job, key)
             self._on_progress(job)
+        return later
+
+
+def belongs(seqs: dict[str, int] | None, item_id: str, seq: int | None) -> bool | None:
+    """Whether a result event for ``item_id`` answering intake message ``seq`` is the
+    file's own: True, False, or None (not known yet: the file's PubAck for that item has
+    not been recorded). ``seqs`` None (a state from before intake seqs were recorded) and
+    an event that names no intake message match by id alone."""
+    if seqs is None or seq is None:
+        return True
+    mine = seqs.get(item_id)
+    if mine is None:
+        return None
+    return mine == seq
+
+
+def answered_seq(headers: dict[str, str] | None) -> int | None:
+    """The intake stream seq a result event answers: its ``Enrichd-Intake-Seq`` header,
+    else the ``<id>:<handler>:cached|error|dup:<seq>`` form of its Nats-Msg-Id."""
+    if not headers:
+        return None
+    value = headers.get(INTAKE_SEQ_HEADER)
+    if value is not None and value.isdigit():
+        return int(value)
+    parts = headers.get("Nats-Msg-Id", "").rsplit(":", 2)
+    if len(parts) == 3 and parts[1] in _SEQ_KINDS and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def _spool(batch: dict[Job, list[tuple[str, bytes]]]) -> None:

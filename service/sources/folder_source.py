@@ -15,11 +15,17 @@ The life of one file (docs/folders.md has the crash analysis):
    consumer on ``<prefix>.out.>`` spools each awaited result (fsync, then ack).
 6. *finish*: the source to ``inbox/.done/``, the results file in input order (atomic),
    ``enrich.events.file.done``.
+
+Every step that fails is retried with a backoff and a bounded number of attempts
+(:data:`TEMPORARY_ATTEMPTS` for a disk full or an I/O error, :data:`OTHER_ATTEMPTS`
+otherwise); then the file goes to ``inbox/.failed/`` with a reason, so every dropped file
+ends in results or in ``.failed/`` in bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -33,6 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
 from nats.aio.client import Client
 
 from service import failpoints
@@ -44,7 +51,18 @@ from service.sinks.events import Redactor, dumps
 from service.sources.folder_results import RETRY_S, ResultCollector
 from service.sources.inbox_watch import InboxWatcher
 from service.state import files
-from service.state.files import ACCEPTED, PREPARED, READING, FileMeta, FileState, ReadConfig, display
+from service.state.files import (
+    ACCEPTED,
+    PREPARED,
+    READING,
+    STATE_DIR_MODE,
+    FileMeta,
+    FileState,
+    ReadConfig,
+    UnsafePathError,
+    display,
+    temporary,
+)
 from service.subjects import Subjects
 
 if TYPE_CHECKING:
@@ -53,6 +71,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("enrichd.folders")
 WORKERS = 2  # files read and published at the same time
 CHUNK = 1000  # items published per PubAck round
+RETRY_BASE_S = 2.0  # first wait after a failed step; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 300.0
+TEMPORARY_ATTEMPTS = 12  # a step failing with a temporary OS error (about 25 min in all)
+OTHER_ATTEMPTS = 4  # a step failing otherwise
+DONE_EVENT_ATTEMPTS = 6  # file.done after the results file is written: then logged and dropped
+# NATS being away is waited out (the file stays `prepared`, visible in `enrichd status`):
+_CONNECTION_ERRORS = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+)
 Work = Callable[[], Awaitable[None]]
 
 
@@ -63,7 +94,13 @@ class Job:
     meta: FileMeta
     state: FileState
     remaining: set[str] = field(default_factory=set)
+    # item id → the intake seq of the message this file published for it (its result
+    # answers that one); None: an older state without intake seqs, results match by id
+    seqs: dict[str, int] | None = field(default_factory=dict)
     finishing: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: int = 0  # of the current step, for the bounded retries
+    written: bool = False  # the results file is written (finish: only file.done is left)
 
 
 class FolderSource:
@@ -79,6 +116,7 @@ class FolderSource:
         self.processing = self.inbox / ".processing"
         self._redact = redact
         self._js = nc.jetstream(publish_async_max_pending=4 * CHUNK)
+        self._max_payload = nc.max_payload
         self._max_item_bytes = min(settings.limits.max_item_bytes, nc.max_payload - 1024)
         self._tokens_param = settings.openai.max_tokens_param
         self._watcher = InboxWatcher(self.inbox, self.outbox, self.cfg.settle_s, self._ready)
@@ -92,8 +130,10 @@ class FolderSource:
 
     async def start(self) -> None:
         """Resume unfinished files, bind the results consumer, start watching."""
-        for folder in (self.inbox, self.outbox, self.root, self.processing):
+        for folder in (self.inbox, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.processing):
+            folder.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
         resume = await self._recover()
         await self._results.bind(min((job.meta.received_at for job in self._jobs.values()), default=None))
         self._spawn(self._results.run())
@@ -130,6 +170,20 @@ class FolderSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _retry(self, job: Job, exc: BaseException, work: Work, step: str) -> bool:
+        """Schedule ``work`` again after a backoff; False when the step has failed too
+        often (then the caller gives the file up)."""
+        job.failures += 1
+        limit = TEMPORARY_ATTEMPTS if temporary(exc) else OTHER_ATTEMPTS
+        extra = {"file": display(job.meta.rel), "error": display(str(exc)), "attempt": job.failures}
+        if job.failures >= limit:
+            log.error(f"{step} failed {job.failures} times; giving the file up", extra=extra)
+            return False
+        delay = min(RETRY_BASE_S * 2 ** (job.failures - 1), RETRY_MAX_S)
+        log.warning(f"{step} failed; will retry", extra=extra | {"retry_in_s": delay})
+        self._later(delay, work)
+        return True
+
     def _later(self, delay_s: float, work: Work) -> None:
         async def wait() -> None:
             await asyncio.sleep(delay_s)
@@ -152,7 +206,7 @@ class FolderSource:
     def _ready(self, path: Path) -> None:
         self._queue.put_nowait(partial(self._take, path))
 
-    async def _take(self, path: Path) -> None:
+    async def _take(self, path: Path, failures: int = 0) -> None:
         self._watcher.taken(path)
         rel = path.relative_to(self.inbox)
         try:
@@ -164,14 +218,25 @@ class FolderSource:
             return
         key = f"{time.time_ns():x}-{secrets.token_hex(3)}"
         meta = FileMeta(key, str(rel), handler, str(self.processing / key / path.name), iso(_now()), READING)
-        job = Job(meta, FileState(self.root, key))
+        job = Job(meta, FileState(self.root, key), failures=failures)
         try:
             await asyncio.to_thread(_claim, job, path)
         except FileNotFoundError:  # gone (or taken by another daemon) meanwhile
             await asyncio.to_thread(self._discard, job)
             return
+        except OSError as exc:  # e.g. the state disk is full: the file stays in the inbox
+            await asyncio.to_thread(self._discard, job)
+            self._watcher.hold(path)  # no rescan meanwhile: this retry is the one
+            if not self._retry(job, exc, partial(self._retake, path, job.failures + 1), "claiming a file"):
+                self._watcher.release(path)
+                self._fail(path, rel, handler, "io_error", f"cannot claim the file: {exc}")
+            return
         failpoints.hit("folder_claimed")
         await self._read(job)
+
+    async def _retake(self, path: Path, failures: int) -> None:
+        self._watcher.release(path)
+        await self._take(path, failures)
 
     def _check(self, path: Path, rel: Path) -> tuple[str, Path, FileFormatError | None]:
         """(handler, the path to act on, why it is refused or None)."""
@@ -208,12 +273,18 @@ class FolderSource:
             await asyncio.to_thread(files.prepare, job.state, meta, cfg, self.cfg.max_file_bytes)
         except Exception as exc:  # noqa: BLE001 - whatever it is, this file fails, not the daemon
             reraise_if_cancelled()
-            code = exc.code if isinstance(exc, FileFormatError) else "unreadable"
+            if temporary(exc):  # a full disk, an I/O error: not the file's fault, read it later
+                if self._retry(job, exc, partial(self._read, job), "reading a file"):
+                    return
+                code = "io_error"
+            else:
+                code = exc.code if isinstance(exc, FileFormatError) else "unreadable"
             if not isinstance(exc, FileFormatError | OSError):
                 log.exception("reading a file failed", extra={"file": display(meta.rel)})
             self._fail(Path(meta.source), Path(meta.rel), meta.handler, code, str(exc))
             await asyncio.to_thread(self._discard, job)
             return
+        job.failures = 0
         self._jobs[meta.key] = job
         extra = {
             "file": display(meta.rel),
@@ -224,16 +295,21 @@ class FolderSource:
         log.info("file read", extra=extra)
         await self._publish(job)
 
-    def _fail(self, victim: Path, rel: Path, handler: str | None, code: str, message: str) -> None:
+    def _fail(self, victim: Path, rel: Path, handler: str | None, code: str, message: str) -> Path | None:
+        """Move a file to ``inbox/.failed/`` beside ``<name>.error.json``; where it went."""
         try:
             target = files.move_into(self.inbox / ".failed", victim)
-            files.write_error(target, rel=str(rel), handler=handler, code=code, message=message, at=_now())
         except OSError as exc:
             self._watcher.hold(victim)
             log.error("cannot move a refused file", extra={"file": display(str(rel)), "error": str(exc)})
-            return
+            return None
         extra = {"file": display(str(rel)), "code": code, "reason": display(message)}
+        try:
+            files.write_error(target, rel=str(rel), handler=handler, code=code, message=message, at=_now())
+        except OSError as exc:  # the file is in .failed/; its reason is in the log
+            log.error("cannot write the error file of a refused file", extra=extra | {"error": str(exc)})
         log.warning("file refused", extra=extra | {"moved_to": display(str(target))})
+        return target
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -246,22 +322,35 @@ class FolderSource:
             done = await asyncio.to_thread(job.state.spooled)
             with job.state.manifest.open("rb") as f:
                 while chunk := await asyncio.to_thread(files.read_chunk, f, CHUNK):
-                    futures = []
+                    futures, keys = [], []
                     for n, key, payload in chunk:
                         if key in done or key in job.remaining:  # answered, or repeated in this file
                             continue
                         self._results.expect(job, key)
                         headers = {"Nats-Msg-Id": f"{meta.key}:{n}"}
                         futures.append(await self._js.publish_async(subject, payload, headers=headers))
-                    await _acked(futures)
+                        keys.append(key)
+                    acks = await _acked(futures)
+                    # a duplicate's PubAck names the message intake kept: that is the one answered
+                    seqs = [(key, int(ack.seq)) for key, ack in zip(keys, acks, strict=True)]
+                    await asyncio.to_thread(job.state.record_intake, seqs)
+                    if job.seqs is not None:
+                        job.seqs.update(seqs)
                     failpoints.hit("folder_mid_publish")
             await self._publish_dlq(job)
         except Exception as exc:  # noqa: BLE001 - NATS trouble: try again later
             reraise_if_cancelled()
             self._results.forget(job)
-            log.warning("publishing failed; will retry", extra={"file": display(meta.rel), "error": str(exc)})
-            self._later(RETRY_S, partial(self._publish, job))
+            work = partial(self._publish, job)
+            if isinstance(exc, _CONNECTION_ERRORS):
+                log.warning(
+                    "publishing failed; will retry", extra={"file": display(meta.rel), "error": str(exc)}
+                )
+                self._later(RETRY_S, work)
+            elif not self._retry(job, exc, work, "publishing a file's items"):
+                await self._abandon(job, "publish_failed", f"its items could not be published: {exc}")
             return
+        job.failures = 0
         meta.state = ACCEPTED
         await asyncio.to_thread(job.state.save, meta)
         failpoints.hit("folder_accepted")
@@ -278,6 +367,8 @@ class FolderSource:
             for n, line in enumerate(lines[start : start + CHUNK], start + 1):
                 headers = {"Nats-Msg-Id": f"{job.meta.handler}:dlq:file:{job.meta.key}:{n}"}
                 payload = self._redact(line.decode()).encode()
+                if len(payload) > self._max_payload - 1024:  # redaction made it longer
+                    payload = files.bound_dlq(json.loads(payload), self._max_payload - 1024)
                 futures.append(await self._js.publish_async(subject, payload, headers=headers))
             await _acked(futures)
 
@@ -290,34 +381,79 @@ class FolderSource:
 
     async def _finish(self, job: Job) -> None:
         """Source to .done/, results file, file.done event, state removed: each step is
-        repeated harmlessly if a crash interrupts the sequence."""
+        repeated harmlessly if a crash interrupts the sequence. A results file that cannot
+        be written (bounded retries; at once for a symbolic link in the outbox) sends the
+        file to .failed/ with its results beside it."""
         meta = job.meta
+        root, parts, name = self._results_place(meta)
+        target = root.joinpath(*parts, name)
+        if not job.written:
+            try:
+                await asyncio.to_thread(self._retire, job)  # first: a results file means all is done
+                counts = await asyncio.to_thread(files.write_results, job.state, root, parts, name)
+            except Exception as exc:  # noqa: BLE001 - e.g. outbox not writable: keep the state, try again
+                reraise_if_cancelled()
+                job.finishing = False
+                if isinstance(exc, UnsafePathError):
+                    await self._abandon(job, "unsafe_outbox", str(exc))
+                elif not self._retry(job, exc, partial(_call, self._check_done, job), "writing results"):
+                    await self._abandon(
+                        job, "results_unwritable", f"cannot write {display(str(target))}: {exc}"
+                    )
+                return
+            job.written, job.failures, job.counts = True, 0, counts
+        counts = job.counts
+        event: dict[str, Any] = {"file": display(Path(meta.rel).name), "path": display(meta.rel)}
+        moved = display(meta.moved_to) if meta.moved_to else None
+        event |= {"handler": meta.handler} | counts
+        event |= {"results": display(str(target)), "moved_to": moved, "at": iso(_now())}
         try:
-            await asyncio.to_thread(self._retire, job)  # first: a results file means all is done
-            target = self._results_path(meta)
-            counts = await asyncio.to_thread(files.write_results, job.state, target)
-            event: dict[str, Any] = {"file": display(Path(meta.rel).name), "path": display(meta.rel)}
-            moved = display(meta.moved_to) if meta.moved_to else None
-            event |= {"handler": meta.handler} | counts
-            event |= {"results": display(str(target)), "moved_to": moved, "at": iso(_now())}
             headers = {"Nats-Msg-Id": f"file.done:{meta.key}"}
             payload = self._redact(dumps(event)).encode()
             await self._js.publish(self.subjects.event("file.done"), payload, headers=headers, timeout=10)
-            await asyncio.to_thread(job.state.remove)
-        except Exception:  # noqa: BLE001 - e.g. outbox not writable: keep the state, try again
+        except Exception as exc:  # noqa: BLE001 - the results are written: only the event is late
             reraise_if_cancelled()
-            log.exception("finishing a file failed; will retry", extra={"file": display(meta.rel)})
-            job.finishing = False
-            self._later(RETRY_S * 6, partial(_call, self._check_done, job))
-            return
+            job.failures += 1
+            if job.failures < DONE_EVENT_ATTEMPTS:
+                log.warning("publishing file.done failed; will retry", extra={"file": display(meta.rel)})
+                job.finishing = False
+                self._later(
+                    min(RETRY_BASE_S * 2**job.failures, RETRY_MAX_S), partial(_call, self._check_done, job)
+                )
+                return
+            log.error(
+                "file.done could not be published; the results file is written",
+                extra={"file": display(meta.rel), "error": str(exc)},
+            )
+        await asyncio.to_thread(job.state.remove)
         self._jobs.pop(meta.key, None)
         log.info("file done", extra={"file": display(meta.rel), "handler": meta.handler, **counts})
 
-    def _results_path(self, meta: FileMeta) -> Path:
+    async def _abandon(self, job: Job, code: str, message: str) -> None:
+        """Give a claimed file up: the source (from .processing/ or .done/) to .failed/
+        with the reason, the results received so far beside it when they can be written
+        there, the state removed."""
+        meta = job.meta
+        complete = meta.state == ACCEPTED and not job.remaining
+        self._results.forget(job)
+        source = Path(meta.moved_to) if meta.moved_to else Path(meta.source)
+        target = self._fail(source, Path(meta.rel), meta.handler, code, message)
+        if target is not None and complete:
+            name = files.fit_name(target.name, ".results.jsonl")
+            try:
+                await asyncio.to_thread(files.write_results, job.state, target.parent, (), name)
+            except Exception as exc:  # noqa: BLE001 - the reason is written; the results are lost
+                reraise_if_cancelled()
+                log.error("cannot save the results beside the failed file", extra={"error": str(exc)})
+        await asyncio.to_thread(self._discard, job)
+        self._jobs.pop(meta.key, None)
+
+    def _results_place(self, meta: FileMeta) -> tuple[Path, tuple[str, ...], str]:
+        """Where the results file goes: (outbox/<handler>, the folders below, its name)
+        — a name that would pass 255 bytes is shortened (files.fit_name)."""
         rel = Path(meta.rel)
-        inner = Path(*rel.parts[1:]) if len(rel.parts) > 1 else rel
-        target = self.outbox / meta.handler / inner
-        return target.with_name(target.name + ".results.jsonl")
+        inner = rel.parts[1:] if len(rel.parts) > 1 else rel.parts
+        return self.outbox, (meta.handler, *inner[:-1]), files.fit_name(inner[-1], ".results.jsonl")
 
     def _retire(self, job: Job) -> None:
         source = Path(job.meta.source)
@@ -339,7 +475,8 @@ class FolderSource:
             if meta is None:
                 await asyncio.to_thread(self._orphan, key)
                 continue
-            job = Job(meta, state)
+            seqs = await asyncio.to_thread(state.intake_seqs)
+            job = Job(meta, state, seqs=seqs if meta.state == ACCEPTED else seqs or {})
             if meta.state == READING:
                 if await asyncio.to_thread(os.path.lexists, meta.source):
                     resume.append(partial(self._read, job))
@@ -383,20 +520,24 @@ async def attach(daemon: Daemon) -> FolderSource | None:
 
 
 def _claim(job: Job, path: Path) -> None:
-    job.state.dir.mkdir(parents=True, exist_ok=True)
+    job.state.make()
     job.state.save(job.meta)  # first, so that after a crash the rename can be traced
     source = Path(job.meta.source)
-    source.parent.mkdir(parents=True, exist_ok=True)
+    source.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
     os.rename(path, source)
 
 
-async def _acked(futures: list[asyncio.Future[Any]]) -> None:
+async def _acked(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """The PubAcks; raises the first failure (a connection error as itself)."""
     if not futures:
-        return
+        return []
     results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
+        if isinstance(failed[0], _CONNECTION_ERRORS):
+            raise failed[0]
         raise RuntimeError(f"{len(failed)} of {len(futures)} publishes were not acknowledged: {failed[0]!r}")
+    return results
 
 
 def _now() -> datetime:

@@ -40,6 +40,9 @@ class InboxWatcher:
     def hold(self, path: Path) -> None:
         self._held.add(path)
 
+    def release(self, path: Path) -> None:
+        self._held.discard(path)
+
     async def run(self, stop: asyncio.Event) -> None:
         # The Rust watcher dies on some events (e.g. a path that is not UTF-8): start it
         # again; the scan after each start picks up whatever happened in between.

@@ -127,6 +127,7 @@ CORPUS: dict[str, tuple[str, Any]] = {
     "missing-boundary.eml": ("results", ["ok"]),
     "attachment-only.eml": ("failed", "no_items"),
     "one-bad-line.jsonl": ("results", ["ok", "invalid_json", "ok", "not_an_object"]),
+    "unreadable-number.jsonl": ("results", ["ok", "invalid_json", "ok"]),
     "bad-items.jsonl": (
         "results",
         [
@@ -147,7 +148,10 @@ CORPUS: dict[str, tuple[str, Any]] = {
     "not-json.json": ("failed", "invalid_format"),
     "two-messages.mbox": ("results", ["ok", "invalid_text", "ok"]),
     "Compte rendu réunion été 2026 ü.md": ("results", ["ok"]),
-    "alias-bomb.md": ("results", ["item_too_large"]),  # bounded expansion, still over 4 KiB
+    "alias-bomb.md": (
+        "failed",
+        "item_too_large",
+    ),  # bounded expansion, still over 4 KiB: the file is its item
 }
 TEMPORARY = [
     ".hidden.txt",

@@ -83,6 +83,11 @@ def test_single_item_formats(
         ("scalar.json", '"just a string"', "invalid_format"),
         ("none.json", "[]", "no_items"),
         ("deep.json", "[" * 50_000 + "]" * 50_000, "invalid_format"),
+        ("trailing.json", '[{"text": "a"}] and more', "invalid_format"),
+        ("unclosed.json", '[{"text": "a"}, {"text": "b"}', "invalid_format"),
+        ("nocomma.json", '[{"text": "a"} {"text": "b"}]', "invalid_format"),
+        ("bigint.json", '[{"text": "a", "metadata": {"n": ' + "9" * 5000 + "}}]", "invalid_format"),
+        ("latin1.json", '[{"text": "caf\xe9"}]'.encode("latin-1"), "invalid_encoding"),
         ("fm.md", "---\ntitle: [unclosed\n---\nbody", "invalid_format"),
         ("x.csv", "title,body\na,b\n", "invalid_format"),
         ("x.mbox", "Subject: not an mbox\n\nbody", "invalid_format"),
@@ -202,6 +207,40 @@ def test_large_jsonl_is_streamed() -> None:
     assert next(found) == {"text": "line 0"}
     assert stream.tell() < 64 * 1024, "the whole file was read before the first item"
     assert sum(1 for _ in found) == 99_999
+
+
+def test_large_json_list_is_streamed() -> None:
+    items = [
+        {"id": f"r{i}", "text": f"element {i}", "metadata": {"n": i, "f": i / 7}} for i in range(100_000)
+    ]
+    data = json.dumps(items, indent=1).encode()
+    stream = io.BytesIO(data)
+    found = iter_file("big.json", stream)
+    assert next(found) == items[0]
+    assert stream.tell() < 256 * 1024, "the whole document was read before the first item"
+    assert list(found) == items[1:]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64 * 1024])
+def test_json_list_elements_cut_by_the_read_buffer_are_read_whole(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a number cut at the buffer's end must not be read as a shorter number
+    monkeypatch.setattr("service.core.formats._JSON_CHUNK", chunk)
+    data = '\ufeff [ {"text": "a", "n": 123456789}, 7, {"text": "b\\n\\"]", "x": [1, {"y": -2.5e3}]} ,"s" ]\n'
+    found = entries("x.json", data.encode())
+    assert found[0] == {"text": "a", "n": 123456789}
+    assert found[2] == {"text": 'b\n"]', "x": [1, {"y": -2500.0}]}
+    assert [(e.line, e.code) for e in found if isinstance(e, LineError)] == [
+        (2, "not_an_object"),
+        (4, "not_an_object"),
+    ]
+    assert summary(entries("u.json", '[{"text": "é"}]'.encode("utf-16"))) == ["é"]
+
+
+def test_a_jsonl_line_python_cannot_read_fails_alone() -> None:
+    data = '{"text": "a"}\n{"text": "b", "metadata": {"n": ' + "9" * 5000 + '}}\n{"text": "c"}\n'
+    assert summary(entries("x.jsonl", data)) == ["a", "invalid_json", "c"]
 
 
 @pytest.mark.parametrize(
