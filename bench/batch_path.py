@@ -72,8 +72,8 @@ async def buffered_rate(js: JetStreamContext, stream: str) -> tuple[float, int]:
 
 
 async def bench_intake(env: Env) -> list[Check]:
+    from service.contract.subjects import Subjects
     from service.state.streams import ensure_streams
-    from service.subjects import Subjects
 
     prefix, n = "rintake", INTAKE_ITEMS
     subjects = Subjects(prefix)
@@ -120,7 +120,7 @@ def buffered_records(
     parsed by the daemon's own pipeline; each record also gets the request body that the
     flush builds (``body``, not part of a buffer message: full_flush leaves it out)."""
     from service.core.routing import BatchRoute, BufferKey
-    from service.pipeline import Intake, buffer_record
+    from service.pipeline.process import Intake, buffer_record
 
     now = datetime.now(UTC)
     out = []
@@ -302,11 +302,11 @@ def to_prefix(messages: list[tuple[str, bytes, dict[str, str]]], old: str, new: 
 
 
 async def bench_results(env: Env, *, rounds: int = 2) -> list[Check]:
-    from service.batch_outcomes import Ok
+    from service.batch.outcomes import Ok
+    from service.contract.subjects import Subjects
     from service.core.batchfile import custom_id
     from service.core.cost import Usage
     from service.state.streams import ensure_streams, open_kv
-    from service.subjects import Subjects
 
     prefix, raw_prefix, n = "rres", "rraw", RESULT_ITEMS
     daemon = await env.daemon(prefix, batching=no_flush())

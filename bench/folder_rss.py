@@ -50,8 +50,8 @@ def write_jsonl(path: Path, lines: int, fmt: str = "jsonl", text_bytes: int = 0)
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
+    from service.broker.embedded import EmbeddedNats
     from service.emulator import Emulator, EmulatorConfig
-    from service.nats_embedded import EmbeddedNats
 
     nats = EmbeddedNats(work / "nats", port=0)
     url = await nats.start()

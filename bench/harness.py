@@ -110,7 +110,7 @@ class Env:
         self.nc: nats.NATS | None = None
 
     async def __aenter__(self) -> Env:
-        from service.nats_embedded import EmbeddedNats
+        from service.broker.embedded import EmbeddedNats
 
         self.work.mkdir(parents=True, exist_ok=True)
         self._nats = EmbeddedNats(self.work / "nats", port=0)

@@ -83,7 +83,7 @@ async def bench_rss(env: Env) -> list[Check]:
         for i in range(n):
             await js.publish_async(f"{prefix}.in.tags", item_1k(i))
         await js.publish_async_completed()
-        from service.subjects import Subjects
+        from service.contract.subjects import Subjects
 
         done = await wait_count(js, Subjects(prefix).stream("BUFFER"), n, timeout_s=300, poll_s=0.5)
         peak = rss_mb(daemon.proc.pid, "VmHWM")

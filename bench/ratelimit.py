@@ -238,8 +238,8 @@ async def run_phase(
 async def run(args: argparse.Namespace, work: Path) -> int:
     import nats
 
+    from service.broker.embedded import EmbeddedNats
     from service.emulator import Emulator, EmulatorConfig, FaultConfig
-    from service.nats_embedded import EmbeddedNats
 
     began = time.monotonic()
     embedded = EmbeddedNats(work / "nats", port=0)

@@ -56,7 +56,7 @@ async def one_by_one(call: Callable[[int], Awaitable[None]], indices: Iterable[i
 async def bench_sync(env: Env, *, rounds: int = 4) -> list[Check]:
     from openai import AsyncOpenAI
 
-    from service.pipeline import Intake
+    from service.pipeline.process import Intake
 
     prefix = "rsync"
     daemon = await env.daemon(prefix, openai={"max_concurrency": 64})
@@ -231,7 +231,7 @@ async def sync_baseline(env: Env, daemon: Any, messages: list[tuple[str, bytes]]
     from openai import AsyncOpenAI
 
     from service.core.cost import Usage, cost_usd, price_for
-    from service.pipeline import Intake
+    from service.pipeline.process import Intake
 
     now = datetime.now(UTC)
     pipeline = daemon.pipeline

@@ -13,9 +13,16 @@ from typing import Any
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
-from service import telemetry, tracing
-from service.alerts import Alerter
-from service.batcher import Batcher
+from service.batch.batcher import Batcher
+from service.broker.connect import (
+    ConnectionMonitor,
+    broker_security,
+    ensure_embedded_auth,
+    ensure_state_dir,
+    with_embedded_auth,
+)
+from service.broker.embedded import EmbeddedNats
+from service.contract.subjects import Subjects
 from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps, exceeded_events
@@ -24,19 +31,13 @@ from service.core.ratelimit import Limits
 from service.core.redact import redact_url, servers
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
-from service.health import HealthServer
-from service.nats_embedded import EmbeddedNats
-from service.natsconn import (
-    ConnectionMonitor,
-    broker_security,
-    ensure_embedded_auth,
-    ensure_state_dir,
-    with_embedded_auth,
-)
-from service.pipeline import Clock, Pipeline, PipelineConfig, utcnow
+from service.observability import telemetry, tracing
+from service.observability.alerts import Alerter
+from service.observability.health import HealthServer
+from service.observability.sdnotify import Notifier
+from service.pipeline.process import Clock, Pipeline, PipelineConfig, utcnow
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
-from service.sdnotify import Notifier
 from service.settings import Settings
 from service.sinks.events import EventSink, Redactor
 from service.sources.nats_source import NatsSource
@@ -46,7 +47,6 @@ from service.state.limits import SharedLimiter
 from service.state.results import ResultStore
 from service.state.stats import DailyStats
 from service.state.streams import ensure_streams, open_kv
-from service.subjects import Subjects
 
 log = logging.getLogger("enrichd")
 HEADER_ROOM = 16 * 1024  # headers and framing, on top of a message's payload

@@ -15,7 +15,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from service.nats_embedded import find_binary
+from service.broker.embedded import find_binary
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_KEY = "sk-test-3f9a1c7e5b2d4a6c8e0f1a2b3c4d5e6f"

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from nats.js import JetStreamContext
 
-from service import tracing
 from service.aio import reraise_if_cancelled
+from service.contract.subjects import Subjects
 from service.core import fastjson
 from service.core.events import fitted_entry, result_msg_id
-from service.subjects import Subjects
+from service.observability import tracing
 
 if TYPE_CHECKING:
-    from service.pipeline import BufferWrite
+    from service.pipeline.process import BufferWrite
 
 log = logging.getLogger("enrichd.sink")
 

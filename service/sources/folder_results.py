@@ -24,8 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from service.aio import quietly, reraise_if_cancelled
+from service.contract.subjects import Subjects
 from service.sinks.events import INTAKE_SEQ_HEADER
-from service.subjects import Subjects
 
 if TYPE_CHECKING:
     from service.sources.folder_source import Job

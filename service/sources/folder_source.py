@@ -44,6 +44,7 @@ from nats.aio.client import Client
 
 from service import failpoints
 from service.aio import reraise_if_cancelled
+from service.contract.subjects import Subjects
 from service.core.entries import FileFormatError
 from service.core.events import iso
 from service.settings import Settings
@@ -63,7 +64,6 @@ from service.state.files import (
     display,
     temporary,
 )
-from service.subjects import Subjects
 
 if TYPE_CHECKING:
     from service.app import Daemon

@@ -22,14 +22,15 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry.trace import SpanKind
 
-from service import failpoints, tracing
+from service import failpoints
 from service.aio import quietly, reraise_if_cancelled
+from service.contract.subjects import Subjects
 from service.core.errors import EnrichError
 from service.core.events import Outcome, result_event
 from service.core.items import salvage
-from service.pipeline import BufferWrite, DeferError, Intake, Pipeline
+from service.observability import tracing
+from service.pipeline.process import BufferWrite, DeferError, Intake, Pipeline
 from service.sinks.events import Redactor, dumps
-from service.subjects import Subjects
 
 log = logging.getLogger("enrichd.source")
 

@@ -11,7 +11,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from service.subjects import Subjects
+from service.contract.subjects import Subjects
 
 log = logging.getLogger("enrichd.state")
 DAY_S = 86_400.0

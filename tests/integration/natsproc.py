@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from service.nats_embedded import find_binary
+from service.broker.embedded import find_binary
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import nats
 import pytest
 
-from service.nats_embedded import find_binary
+from service.broker.embedded import find_binary
 from tests.conftest import FIXTURES, TEST_KEY, events, read_stream, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ async def test_embedded_defaults_start_nats_and_the_emulator(
     try:
         assert daemon.nats_url.endswith(f":{port}")
         assert any("SYNTHETIC" in r.getMessage() for r in caplog.records)
-        from service.natsconn import read_embedded_auth
+        from service.broker.connect import read_embedded_auth
 
         auth = read_embedded_auth(tmp_path / "state")  # the embedded server requires it
         assert auth is not None

@@ -3,9 +3,9 @@ get their ok event, although the second carries the same Nats-Msg-Id as the firs
 
 from __future__ import annotations
 
+from service.contract.subjects import Subjects
 from service.sinks.events import EventSink, Redactor
 from service.state.streams import ensure_streams
-from service.subjects import Subjects
 from tests.conftest import events, read_stream
 
 

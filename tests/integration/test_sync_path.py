@@ -167,7 +167,7 @@ async def test_permanent_errors_are_not_retried(make_daemon, nc, prefix, emulato
 async def test_wrong_api_key_is_auth_failed_not_retried_and_never_leaks(
     make_daemon, nc, prefix, emulator, tmp_path
 ) -> None:
-    from service import logs
+    from service.observability import logs
 
     wrong_key = "sk-wrong-9d8c7b6a5f4e3d2c1b0a99887766554433"
     captured = io.StringIO()

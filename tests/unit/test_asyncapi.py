@@ -13,14 +13,14 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from service import schemas
-from service.asyncapi import build_document, render
+from service.contract import schemas
+from service.contract.asyncapi import build_document, render
+from service.contract.subjects import Subjects
 from service.core.budget import exceeded_events
 from service.core.cost import Usage
 from service.core.errors import BadItemError, ErrorInfo
 from service.core.events import Outcome, dlq_entry, iso, result_event
 from service.core.items import parse_item
-from service.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "asyncapi.json"

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from handlers import build_registry
-from service.batch_outcomes import Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
+from service.batch.outcomes import Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
 from service.core.batchfile import LineFailed, LineOk, custom_id, parse_lines, to_jsonl
 from service.core.batching import (
     BatchPolicy,

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import telemetry
+from service.observability import telemetry
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "enrichd-dashboard.json"
 DS_UID = "${DS_PROMETHEUS}"

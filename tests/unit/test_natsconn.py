@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service import logs
+from service.broker.connect import reconnect_delay
 from service.core.redact import redact_url, url_secrets
-from service.natsconn import reconnect_delay
+from service.observability import logs
 from service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

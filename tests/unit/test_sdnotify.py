@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from service.sdnotify import Notifier
+from service.observability.sdnotify import Notifier
 
 
 def test_ready_stopping_and_watchdog_interval(tmp_path: Path) -> None:

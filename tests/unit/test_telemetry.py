@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import telemetry
+from service.observability import telemetry
 
 
 def event(handler: str, status: str, *, cached: bool = False, tokens: int = 10) -> dict[str, Any]:

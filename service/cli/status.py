@@ -12,12 +12,12 @@ from rich.console import Group
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from service.admin import connect
+from service.cli.admin import connect
+from service.contract.subjects import Subjects
 from service.settings import Settings
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore
 from service.state.files import progress as folder_progress
 from service.state.stats import per_hour, read_days
-from service.subjects import Subjects
 
 
 def batch_progress(record: BatchRecord, now: float) -> dict[str, Any]:

@@ -29,8 +29,8 @@ def _settings(config: Path | None) -> Settings:
 @app.command()
 def run(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
-    from service import logs
     from service.app import Daemon
+    from service.observability import logs
 
     settings = _settings(config)
     logs.configure(
@@ -57,7 +57,7 @@ def submit(
     config: ConfigOpt = None,
 ) -> None:
     """Publish items to enrich.in.HANDLER."""
-    from service.submit import SubmitError, run_submit
+    from service.cli.submit import SubmitError, run_submit
 
     settings = _settings(config)
     if priority is not None and priority not in ("urgent", "high", "normal", "low"):
@@ -79,7 +79,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Buffers, batches in flight with progress and ETA, DLQ depth."""
-    from service.status import collect, render
+    from service.cli.status import collect, render
 
     data = _admin(collect(_settings(config)))
     if as_json:
@@ -97,8 +97,8 @@ def estimate(
 ) -> None:
     """Tokens and cost, sync vs batch, without calling the provider. Output tokens are
     the handler's max_output_tokens per item: an upper bound."""
-    from service.estimate import estimate as run_estimate
-    from service.submit import SubmitError
+    from service.cli.estimate import estimate as run_estimate
+    from service.cli.submit import SubmitError
 
     try:
         result = run_estimate(_settings(config), handler, paths)
@@ -125,7 +125,7 @@ def estimate(
 @app.command()
 def check(config: ConfigOpt = None) -> None:
     """Validate the configuration and reach NATS and the provider."""
-    from service.check import run_check
+    from service.cli.check import run_check
 
     settings = _settings(config)
     ok = asyncio.run(run_check(settings, lambda line: typer.echo(line)))
@@ -157,7 +157,7 @@ app.add_typer(dlq_app, name="dlq")
 
 
 def _admin(coro: Any) -> Any:
-    from service.admin import AdminError
+    from service.cli.admin import AdminError
 
     try:
         return asyncio.run(coro)
@@ -172,8 +172,8 @@ def batches_list(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Batches with their status and request counts, oldest first."""
-    from service.admin import list_batches
-    from service.views import batches_table
+    from service.cli.admin import list_batches
+    from service.cli.views import batches_table
 
     records = _admin(list_batches(_settings(config)))
     if as_json:
@@ -187,7 +187,7 @@ def batches_show(
     ident: Annotated[str, typer.Argument(help="batch id or flush id")], config: ConfigOpt = None
 ) -> None:
     """Everything recorded about one batch."""
-    from service.admin import show_batch
+    from service.cli.admin import show_batch
 
     record = _admin(show_batch(_settings(config), ident))
     print_json(record.__dict__)
@@ -198,7 +198,7 @@ def batches_cancel(
     batch_id: Annotated[str, typer.Argument(help="provider batch id")], config: ConfigOpt = None
 ) -> None:
     """Cancel a batch; its unfinished items end as errors with code batch_cancelled."""
-    from service.admin import cancel_batch
+    from service.cli.admin import cancel_batch
 
     answer = _admin(cancel_batch(_settings(config), batch_id))
     typer.echo(f"{answer['batch_id']}: {answer['status']}")
@@ -211,8 +211,8 @@ def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Dead letters, oldest first."""
-    from service.admin import dlq_entries
-    from service.views import dlq_table
+    from service.cli.admin import dlq_entries
+    from service.cli.views import dlq_table
 
     entries = _admin(dlq_entries(_settings(config), handler=handler))
     if as_json:
@@ -231,7 +231,7 @@ def dlq_replay(
     config: ConfigOpt = None,
 ) -> None:
     """Send dead letters through intake again (and remove them from the DLQ)."""
-    from service.admin import replay_dlq
+    from service.cli.admin import replay_dlq
 
     replayed, skipped = _admin(
         replay_dlq(

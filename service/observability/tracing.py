@@ -25,7 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.telemetry import otlp_configured
+from service.observability.telemetry import otlp_configured
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 

@@ -26,8 +26,8 @@ from faststream.nats import JStream, NatsBroker
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
-from service import schemas
-from service.subjects import Subjects
+from service.contract import schemas
+from service.contract.subjects import Subjects
 
 DEFAULT_OUT = Path("docs/asyncapi.json")
 HANDLER_PARAM = "{handler}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.natsconn import EmbeddedAuth
+    from service.broker.connect import EmbeddedAuth
 
 log = logging.getLogger("enrichd.nats")
 

@@ -12,11 +12,11 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from service.broker.connect import NatsUnreachableError, cli_connect, cli_url, describe
+from service.contract.subjects import Subjects
 from service.core.redact import redact_url
-from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe
 from service.settings import Settings
 from service.state.batches import BatchRecord, BatchStore
-from service.subjects import Subjects
 
 
 class AdminError(Exception):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from service.broker.connect import NatsUnreachableError, cli_connect, cli_nats_settings, cli_url, describe
+from service.broker.embedded import EmbeddedNatsError, find_binary
 from service.core.redact import redact_url
-from service.nats_embedded import EmbeddedNatsError, find_binary
-from service.natsconn import NatsUnreachableError, cli_connect, cli_nats_settings, cli_url, describe
 from service.providers.openai_sync import OpenAISyncProvider, classify_exception
 from service.settings import Settings
 

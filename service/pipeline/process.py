@@ -18,8 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from handlers import HandlerSpec
-from service import failpoints, telemetry, tracing
-from service.alerts import Alerter
+from service import failpoints
 from service.core import fastjson
 from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
@@ -29,10 +28,12 @@ from service.core.events import Outcome, dlq_entry, iso, result_event, result_ms
 from service.core.items import Item, decode_object, item_from_object, salvage
 from service.core.routing import BatchRoute, BufferKey, RoutingRules, route
 from service.core.tokens import estimate_request_tokens
+from service.observability import telemetry, tracing
+from service.observability.alerts import Alerter
+from service.observability.telemetry import Metrics
 from service.providers.openai_sync import ProviderResponse, SyncProvider
 from service.state.budget import BudgetExhaustedError, Ledger
 from service.state.results import StoredResult
-from service.telemetry import Metrics
 
 log = logging.getLogger("enrichd.pipeline")
 

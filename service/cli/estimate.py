@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.cli.submit import load_items
 from service.core.cost import Usage, cost_usd, price_for
 from service.core.errors import BadItemError
 from service.core.items import item_from_object
 from service.core.tokens import estimate_request_tokens
 from service.settings import Settings
-from service.submit import load_items
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from handlers import HandlerSpec
-from service import failpoints, telemetry, tracing
+from service import failpoints
 from service.aio import reraise_if_cancelled
-from service.alerts import Alerter
-from service.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
+from service.batch.outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
+from service.contract.subjects import Subjects
 from service.core import batch_faults, fastjson
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl
 from service.core.batching import BatchPolicy, BufferState, flush_reason, take, until_next_check
@@ -48,13 +48,14 @@ from service.core.events import (
 )
 from service.core.items import item_from_object
 from service.core.tokens import estimate_request_tokens
+from service.observability import telemetry, tracing
+from service.observability.alerts import Alerter
+from service.observability.telemetry import Metrics
 from service.providers.openai_batch import BatchInfo, OpenAIBatchProvider
 from service.sinks.events import INTAKE_SEQ_HEADER, EventSink, Redactor, dumps, keep_second_answer
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore, StaleRecordError, seq_ranges
 from service.state.budget import BudgetExhaustedError, Ledger
 from service.state.results import ResultStore, StoredResult
-from service.subjects import Subjects
-from service.telemetry import Metrics
 
 log = logging.getLogger("enrichd.batch")
 # subject, payload, headers

@@ -13,14 +13,14 @@ from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from service.broker.connect import NatsUnreachableError, cli_connect, cli_url, describe
+from service.contract.subjects import Subjects
 from service.core.entries import FileFormatError, LineError
 from service.core.errors import BadItemError
 from service.core.formats import file_items
 from service.core.items import default_id
 from service.core.redact import redact_url
-from service.natsconn import NatsUnreachableError, cli_connect, cli_url, describe
 from service.settings import Settings
-from service.subjects import Subjects
 
 
 class SubmitError(Exception):
