@@ -28,7 +28,7 @@ from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps, exceeded_events
 from service.core.events import iso
 from service.core.ratelimit import Limits
-from service.core.redact import redact_url, servers
+from service.core.redact import Redactor, redact_url, servers
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.observability import telemetry, tracing
@@ -39,7 +39,8 @@ from service.pipeline.process import Clock, Pipeline, PipelineConfig, utcnow
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings
-from service.sinks.events import EventSink, Redactor
+from service.sinks.events import EventSink
+from service.sources.folder_source import FolderSource
 from service.sources.nats_source import NatsSource
 from service.state.batches import BatchStore
 from service.state.budget import Ledger
@@ -76,7 +77,7 @@ class Daemon:
         self._source: NatsSource | None = None
         self._health: HealthServer | None = None
         self._meter_provider: Any = None
-        self.folders: Any = None
+        self.folders: FolderSource | None = None
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
         self.alerts: Alerter | None = None
@@ -260,9 +261,8 @@ class Daemon:
         await broker.start()
         await self._source.start(js)
         if s.folders.enabled:
-            from service.sources.folder_source import attach
-
-            self.folders = await attach(self)
+            self.folders = FolderSource(s, self.subjects, broker.connection, self.redact)
+            await self.folders.start()
         self._tasks = [
             asyncio.create_task(self.batcher.flush_loop(), name="flush"),
             asyncio.create_task(self.batcher.poll_loop(), name="poll"),

@@ -41,7 +41,7 @@ def run(config: ConfigOpt = None) -> None:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback, for start-up failures
-        from service.sinks.events import Redactor
+        from service.core.redact import Redactor
 
         typer.echo(Redactor(settings.secrets())(f"enrichd: {type(exc).__name__}: {exc}"), err=True)
         raise typer.Exit(1) from None

@@ -11,6 +11,7 @@ from typing import Any
 
 from service.core import fastjson
 from service.core.errors import ProviderError
+from service.core.provider_errors import classify_status
 
 # Non-HTTP line errors: the request never ran, so it can simply run again.
 RETRYABLE_LINE_CODES = frozenset({"batch_expired", "batch_cancelled", "server_error", "rate_limit_exceeded"})
@@ -78,8 +79,6 @@ def parse_line(data: dict[str, Any]) -> tuple[str, LineOutcome] | None:
 
 
 def _http_failure(status: int, body: Any) -> ProviderError:
-    from service.providers.openai_sync import classify_status
-
     err = body.get("error") if isinstance(body, dict) else None
     err = err if isinstance(err, dict) else {}
     code = err.get("code") if isinstance(err.get("code"), str) else None

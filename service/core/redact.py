@@ -1,8 +1,9 @@
-"""Secrets in connection URLs, pure: ``nats://user:pass@host`` is shown as
-``nats://user:***@host``, and the password goes to the Redactor."""
+"""Secrets, pure: the Redactor that scrubs every known secret from what the daemon writes
+(logs, events, errors), and URLs shown without their password (``nats://user:***@host``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -47,3 +48,16 @@ def url_secrets(url: str | None) -> list[str]:
         if secret:
             found.extend({secret, unquote(secret)})
     return found
+
+
+class Redactor:
+    """Replaces every known secret value with ``***`` (API keys, NATS passwords)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text

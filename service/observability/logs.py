@@ -10,7 +10,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from service.sinks.events import Redactor
+from service.core.redact import Redactor
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from nats.js import JetStreamContext
@@ -15,25 +14,13 @@ from service.aio import reraise_if_cancelled
 from service.contract.subjects import Subjects
 from service.core import fastjson
 from service.core.events import fitted_entry, result_msg_id
+from service.core.redact import Redactor as Redactor  # re-exported until the batch path imports core.redact
 from service.observability import tracing
 
 if TYPE_CHECKING:
     from service.pipeline.process import BufferWrite
 
 log = logging.getLogger("enrichd.sink")
-
-
-class Redactor:
-    """Replaces every known secret value with ``***`` (API keys, NATS passwords)."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
 
 
 def dumps(obj: Any) -> str:

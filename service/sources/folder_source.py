@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -47,8 +47,9 @@ from service.aio import reraise_if_cancelled
 from service.contract.subjects import Subjects
 from service.core.entries import FileFormatError
 from service.core.events import iso
+from service.core.redact import Redactor
 from service.settings import Settings
-from service.sinks.events import Redactor, dumps
+from service.sinks.events import dumps
 from service.sources.folder_results import RETRY_S, ResultCollector
 from service.sources.inbox_watch import InboxWatcher
 from service.state import files
@@ -64,9 +65,6 @@ from service.state.files import (
     display,
     temporary,
 )
-
-if TYPE_CHECKING:
-    from service.app import Daemon
 
 log = logging.getLogger("enrichd.folders")
 WORKERS = 2  # files read and published at the same time
@@ -502,21 +500,6 @@ class FolderSource:
             self._fail(path, Path(path.name), None, "state_lost", message)
         shutil.rmtree(folder, ignore_errors=True)
         FileState(self.root, key).remove()
-
-
-async def attach(daemon: Daemon) -> FolderSource | None:
-    """Start the folder source on a started daemon's NATS connection, once; None when
-    ``folders.enabled`` is false. Stop it with ``await source.stop()`` before NATS closes."""
-    existing: FolderSource | None = getattr(daemon, "folders", None)
-    if existing is not None or not daemon.settings.folders.enabled:
-        return existing
-    broker = daemon._broker
-    if broker is None:
-        raise RuntimeError("attach() needs a started daemon")
-    source = FolderSource(daemon.settings, daemon.subjects, broker.connection, daemon.redact)
-    await source.start()
-    setattr(daemon, "folders", source)  # noqa: B010 - Daemon may not declare it
-    return source
 
 
 def _claim(job: Job, path: Path) -> None:

@@ -28,9 +28,10 @@ from service.contract.subjects import Subjects
 from service.core.errors import EnrichError
 from service.core.events import Outcome, result_event
 from service.core.items import salvage
+from service.core.redact import Redactor
 from service.observability import tracing
 from service.pipeline.process import BufferWrite, DeferError, Intake, Pipeline
-from service.sinks.events import Redactor, dumps
+from service.sinks.events import dumps
 
 log = logging.getLogger("enrichd.source")
 

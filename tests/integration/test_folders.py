@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from service.core.formats import split_front_matter
-from service.sources.folder_source import FolderSource, attach
+from service.sources.folder_source import FolderSource
 from tests.conftest import FIXTURES, events, read_stream
 from tests.integration.proc import DaemonProcess
 from tests.integration.test_crash import daemon_env
@@ -35,7 +35,8 @@ async def folder_daemon(make_daemon: Any) -> AsyncIterator[Any]:
         folders = {"settle_s": 0.3, **overrides.pop("folders", {})}
         batching = {**FAST, **overrides.pop("batching", {})}
         daemon = await make_daemon(batching=batching, folders=folders, **overrides)
-        source = await attach(daemon)
+        source = daemon.folders  # built and started by the daemon (folders.enabled)
+        assert source is not None
         sources.append(source)
         return daemon, source
 

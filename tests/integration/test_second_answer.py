@@ -4,7 +4,8 @@ get their ok event, although the second carries the same Nats-Msg-Id as the firs
 from __future__ import annotations
 
 from service.contract.subjects import Subjects
-from service.sinks.events import EventSink, Redactor
+from service.core.redact import Redactor
+from service.sinks.events import EventSink
 from service.state.streams import ensure_streams
 from tests.conftest import events, read_stream
 

@@ -14,7 +14,7 @@ from service.core.batch_faults import (
     is_permanent,
     on_permanent_failure,
 )
-from service.providers.openai_sync import classify_status
+from service.core.provider_errors import classify_status
 
 T0 = 1_000_000.0
 
