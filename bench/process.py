@@ -5,58 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO
 
 from bench.harness import ROOT, Check, Env, item_1k, median, rss_mb, wait_count
+from devkit.process import DaemonProcess
 
 RSS_ITEMS = 100_000
 STARTS = 3
-
-
-class DaemonProcess:
-    """``python -m service run`` with its log (JSON lines on stderr) in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-
-    async def ready(self, timeout_s: float = 60.0) -> tuple[float, dict[str, object]]:
-        """Seconds from spawn to the "enrichd ready" line (seen by polling the log every
-        5 ms), and that line."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for line in self.log_path.read_bytes().splitlines():
-                if b'"enrichd ready"' in line:
-                    return time.perf_counter() - self.started, json.loads(line)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {self.log_path.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the daemon was not ready in {timeout_s} s")
-            await asyncio.sleep(0.005)
-
-    async def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                await asyncio.to_thread(self.proc.wait)
-        self._log.close()
 
 
 # -- 5. peak RSS with 100,000 items buffered --------------------------------------------------
@@ -73,7 +30,7 @@ async def bench_rss(env: Env) -> list[Check]:
             ENRICHD_BATCHING__WINDOWS=json.dumps([f"* {hour} * * *"]),
         ),
         env.work / "rss.log",
-    )
+    ).start(wait_ready=False)
     try:
         await daemon.ready()
         await asyncio.sleep(1.0)
@@ -125,7 +82,9 @@ async def bench_startup(env: Env) -> list[Check]:
     for attempt in range(STARTS):
         bare_s.append(await bare_python("import service"))
         imports_s.append(await bare_python("import service.app, service.cli"))
-        daemon = DaemonProcess(env.process_env(f"rstart{attempt}"), env.work / f"start{attempt}.log")
+        daemon = DaemonProcess(env.process_env(f"rstart{attempt}"), env.work / f"start{attempt}.log").start(
+            wait_ready=False
+        )
         try:
             took, line = await daemon.ready()
         finally:

@@ -4,7 +4,6 @@ emulator over real HTTP per test, and daemons with unique subject prefixes."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +14,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from service.broker.embedded import find_binary
+from devkit.nats import NatsServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_KEY = "sk-test-3f9a1c7e5b2d4a6c8e0f1a2b3c4d5e6f"
@@ -23,36 +22,9 @@ TEST_KEY = "sk-test-3f9a1c7e5b2d4a6c8e0f1a2b3c4d5e6f"
 
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    store = tmp_path_factory.mktemp("nats")
-    ports = store / "ports"
-    ports.mkdir()
-    proc = subprocess.Popen(
-        [
-            str(find_binary()),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "-1",
-            "-js",
-            "-sd",
-            str(store),
-            "--ports_file_dir",
-            str(ports),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ports_file = ports / f"nats-server_{proc.pid}.ports"
-    deadline = time.monotonic() + 10
-    while not ports_file.exists():
-        assert proc.poll() is None, "nats-server exited"
-        assert time.monotonic() < deadline, "nats-server did not start"
-        time.sleep(0.01)
-    time.sleep(0.05)
-    url = json.loads(ports_file.read_text())["nats"][0]
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture

@@ -179,8 +179,8 @@ async def test_twenty_copies_of_one_item_are_paid_once_and_answered_at_once(
 async def test_sigkill_while_ending_items_then_restart_gives_one_error_each(
     nats_url, nc, prefix, emulator, tmp_path
 ) -> None:
+    from devkit.process import DaemonProcess
     from service.emulator import FaultConfig
-    from tests.integration.proc import DaemonProcess
     from tests.integration.test_crash import daemon_env, wait_exit
 
     emulator.set_faults(FaultConfig(file_upload_status=401))

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.natsproc import NatsServer, closed_port
-from tests.integration.proc import DaemonProcess
+from devkit.nats import NatsServer, closed_port
+from devkit.process import DaemonProcess
 from tests.integration.test_crash import daemon_env
 from tests.integration.test_operations import cli_env, enrichd
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.process import DaemonProcess
 from tests.conftest import TEST_KEY, events, read_stream
-from tests.integration.proc import DaemonProcess
 
 N = 60
 

@@ -14,9 +14,9 @@ from typing import Any
 import nats
 import pytest
 
+from devkit.nats import free_port
+from devkit.process import DaemonProcess
 from tests.conftest import FIXTURES
-from tests.integration.natsproc import free_port
-from tests.integration.proc import DaemonProcess
 from tests.integration.test_crash import daemon_env
 from tests.integration.test_operations import enrichd
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.process import DaemonProcess
 from tests.conftest import TEST_KEY, events, read_stream
-from tests.integration.proc import DaemonProcess
 from tests.integration.test_crash import daemon_env
 
 # Each case: (handler subject token, raw body, the code its error event must carry).

@@ -16,10 +16,10 @@ from typing import Any
 import nats
 import pytest
 
+from devkit.process import DaemonProcess
 from service.core.formats import split_front_matter
 from service.sources.folder_source import FolderSource
 from tests.conftest import FIXTURES, events, read_stream
-from tests.integration.proc import DaemonProcess
 from tests.integration.test_crash import daemon_env
 
 FAST = {"max_wait_s": 0.5, "poll_interval_s": 0.2}

@@ -19,9 +19,9 @@ from typing import Any
 import nats
 import pytest
 
+from devkit.nats import NatsServer, free_port
+from devkit.process import DaemonProcess
 from tests.conftest import events, read_stream
-from tests.integration.natsproc import NatsServer, free_port
-from tests.integration.proc import DaemonProcess
 from tests.integration.test_crash import daemon_env
 
 

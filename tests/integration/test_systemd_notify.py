@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from tests.integration.proc import DaemonProcess
+from devkit.process import DaemonProcess
 from tests.integration.test_crash import daemon_env
 
 

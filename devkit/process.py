@@ -1,7 +1,10 @@
-"""Run ``enrichd run`` as a real process, for crash and shutdown tests."""
+"""Run ``enrichd run`` as a real process: for the crash, shutdown and outage tests, and for
+the benchmarks of memory and start-up time (one copy, shared by tests/ and bench/)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class DaemonProcess:
@@ -19,11 +22,15 @@ class DaemonProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._ready = threading.Event()
+        self.spawned_at = 0.0  # perf_counter() at spawn, and when the ready line was read
+        self.ready_at = 0.0
+        self.ready_line: dict[str, object] = {}
 
     def start(self, *, extra_env: dict[str, str] | None = None, wait_ready: bool = True) -> DaemonProcess:
         env = {**self.env, **(extra_env or {})}
         log = self.log_path.open("ab")
         self._ready.clear()
+        self.spawned_at = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "run"],
             cwd=ROOT,
@@ -41,7 +48,12 @@ class DaemonProcess:
         for line in proc.stderr:
             log.write(line)  # type: ignore[attr-defined]
             log.flush()  # type: ignore[attr-defined]
-            if b"enrichd ready" in line:
+            if b"enrichd ready" in line and not self._ready.is_set():
+                self.ready_at = time.perf_counter()
+                try:
+                    self.ready_line = json.loads(line)
+                except ValueError:  # the text log format
+                    self.ready_line = {}
                 self._ready.set()
         log.close()  # type: ignore[attr-defined]
 
@@ -77,3 +89,18 @@ class DaemonProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    async def ready(self, timeout_s: float = 60.0) -> tuple[float, dict[str, object]]:
+        """Wait for the "enrichd ready" line: seconds from spawn to that line, and the line."""
+        await asyncio.to_thread(self.wait_ready, timeout_s)
+        return self.ready_at - self.spawned_at, self.ready_line
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -1,5 +1,6 @@
-"""A nats-server of a test's own, on a fixed port with its own store, that the test can
-stop and start again (a NATS outage), optionally requiring a user and password."""
+"""A real nats-server (JetStream, loopback, its own store) for the tests and the benchmarks:
+the session server of the test suite, and servers a test stops and starts again (a NATS
+outage), optionally requiring a user and password."""
 
 from __future__ import annotations
 
