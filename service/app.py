@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from faststream.nats import NatsBroker
@@ -263,14 +264,13 @@ class Daemon:
         if s.folders.enabled:
             self.folders = FolderSource(s, self.subjects, broker.connection, self.redact)
             await self.folders.start()
-        self._tasks = [
-            asyncio.create_task(self.batcher.flush_loop(), name="flush"),
-            asyncio.create_task(self.batcher.poll_loop(), name="poll"),
-            asyncio.create_task(self.notifier.watchdog(self.is_ready), name="watchdog"),
-            asyncio.create_task(self.stats.loop(), name="stats"),
-        ]
+        self._spawn(self.batcher.flush_loop(), "flush")
+        self._spawn(self.batcher.poll_loop(), "poll")
+        if self.notifier.watchdog_interval_s is not None:  # run by systemd with WatchdogSec
+            self._spawn(self.notifier.watchdog(self.is_ready), "watchdog")
+        self._spawn(self.stats.loop(), "stats")
         if self._embedded is not None:
-            self._tasks.append(asyncio.create_task(self._watch_embedded(), name="embedded-nats"))
+            self._spawn(self._watch_embedded(), "embedded-nats")
         self.ready.set()
         self.notifier.ready(f"consuming {self.subjects.intake_filter}")
         log.info(
@@ -358,6 +358,23 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a long-lived loop under the daemon's supervision: a loop that ends (with an
+        error or not) while the daemon is not stopping is logged with its traceback, and
+        the daemon stops and exits non-zero (systemd restarts it) rather than running on
+        without it."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if self._stop.is_set() or task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error(f"background loop died: {task.get_name()}", exc_info=error)
+        self._fail(f"the {task.get_name()} loop {'died' if error else 'ended'}")
 
     def _fail(self, reason: str) -> None:
         """Stop, and have ``run`` raise :class:`DaemonFailedError` (a non-zero exit)."""

@@ -344,3 +344,19 @@ async def test_metrics_health_and_readiness(make_daemon, nc, prefix, emulator) -
     assert "enrichd_tokens_total" in text and "enrichd_cost_USD_total" in text
     assert "enrichd_item_latency_seconds_bucket" in text
     assert "enrichd_batches_in_flight" in text or "enrichd_buffer_items" in text
+
+
+async def test_a_background_loop_that_dies_stops_the_daemon_with_its_traceback(make_daemon, caplog) -> None:
+    # One owner of tasks (issue 11): a long-lived loop that dies is logged with its
+    # traceback, and the daemon stops (exit non-zero under `enrichd run`) instead of
+    # running on without it.
+    daemon = await make_daemon()
+
+    async def broken() -> None:
+        raise RuntimeError("the loop broke")
+
+    daemon._spawn(broken(), "broken")
+    await asyncio.wait_for(daemon._stop.wait(), 10)
+    assert daemon._failed == "the broken loop died"
+    assert any("background loop died: broken" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert not daemon.is_ready()
