@@ -485,10 +485,3 @@ async def _stage(name: str, awaitable: Any, timeout_s: float) -> None:
         log.warning(f"shutdown stage failed: {name}", exc_info=True)
         return
     log.debug(name, extra={"took_s": round(time.monotonic() - started, 3)})
-
-
-async def _quiet(awaitable: Any) -> None:
-    try:
-        await awaitable
-    except Exception:  # noqa: BLE001 - best effort during shutdown
-        log.debug("error during shutdown", exc_info=True)
