@@ -188,15 +188,6 @@ class BatchStore:
             out.append(item)
         return out
 
-    async def has_items(self, flush_id: str) -> bool:
-        try:
-            await self._objects.get_info(flush_id)
-            return True
-        except (NotFoundError, KeyNotFoundError):
-            return False
-        except Exception:  # noqa: BLE001 - ObjectNotFoundError and friends across versions
-            return False
-
     async def drop_items(self, flush_id: str) -> None:
         try:
             await self._objects.delete(flush_id)

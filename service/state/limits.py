@@ -46,9 +46,6 @@ class SharedLimiter:
         kv = await open_kv(js, bucket, replicas=replicas)
         return cls(kv, limits)
 
-    def limits_for(self, model: str) -> Limits | None:
-        return self._limits.get(model)
-
     async def _read(self, model: str, limits: Limits) -> tuple[Bucket, int]:
         try:
             entry = await self._kv.get(_key(model))

@@ -43,15 +43,11 @@ class ResultStore:
         data = fastjson.loads(entry.value)
         return StoredResult(event=data["event"], intake_seq=data.get("intake_seq"))
 
-    def put_message(self, event: dict[str, Any], *, intake_seq: int | None) -> tuple[str, bytes]:
-        """Subject and payload of the KV put, for pipelined (publish_async) writes."""
-        value = fastjson.dumps({"event": event, "intake_seq": intake_seq})
-        return f"$KV.{self._bucket}.{store_key(event['handler'], event['id'])}", value
-
     def put_message_json(
         self, handler: str, item_id: str, event_json: str, *, intake_seq: int | None
     ) -> tuple[str, bytes]:
-        """As :meth:`put_message`, from an event already serialised (saves a dumps)."""
+        """Subject and payload of the KV put, for pipelined (publish_async) writes, from an
+        event already serialised (saves a dumps)."""
         value = '{"event":' + event_json + ',"intake_seq":' + json.dumps(intake_seq) + "}"
         return f"$KV.{self._bucket}.{store_key(handler, item_id)}", value.encode()
 
