@@ -26,7 +26,7 @@ from service.core.errors import BadItemError, EnrichError, ErrorInfo
 from service.core.events import Outcome, iso
 from service.core.intake import BufferWrite, DeferError, Intake, Prepared
 from service.core.items import Item, decode_object, item_from_object
-from service.core.routing import BatchRoute, BufferKey, RoutingRules, route
+from service.core.routing import BatchRoute, BufferKey, Route, RoutingRules, route
 from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
 from service.pipeline.counters import Counters
@@ -210,7 +210,7 @@ class Pipeline:
 
     # -- the sync route -------------------------------------------------------------------
 
-    def _route(self, prepared: Prepared) -> Any:
+    def _route(self, prepared: Prepared) -> Route:
         assert prepared.item is not None
         spec = self.config.registry[prepared.intake.handler]
         return route(
