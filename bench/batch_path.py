@@ -119,8 +119,9 @@ def buffered_records(
     """(buffer subject token, record) as Pipeline._buffer writes them, for ``count`` items
     parsed by the daemon's own pipeline; each record also gets the request body that the
     flush builds (``body``, not part of a buffer message: full_flush leaves it out)."""
+    from service.core.intake import Intake
     from service.core.routing import BatchRoute, BufferKey
-    from service.pipeline.process import Intake, buffer_record
+    from service.pipeline.process import buffer_record
 
     now = datetime.now(UTC)
     out = []
@@ -128,9 +129,11 @@ def buffered_records(
         intake = Intake(
             raw=item_1k(i), handler="tags", subject=f"{prefix}.in.tags", received_at=now, seq=i + 1
         )
-        spec, item, body = pipeline.prepare(intake)
+        prepared = pipeline.prepare(intake)
+        spec = pipeline.config.registry[intake.handler]
         key = BufferKey(pipeline.config.rules.provider, spec.endpoint, spec.model)
-        out.append((key.subject_token(), {**buffer_record(intake, item, BatchRoute(key)), "body": body}))
+        record = buffer_record(intake, prepared.item, BatchRoute(key))
+        out.append((key.subject_token(), {**record, "body": prepared.body}))
     return out
 
 

@@ -56,7 +56,7 @@ async def one_by_one(call: Callable[[int], Awaitable[None]], indices: Iterable[i
 async def bench_sync(env: Env, *, rounds: int = 4) -> list[Check]:
     from openai import AsyncOpenAI
 
-    from service.pipeline.process import Intake
+    from service.core.intake import Intake
 
     prefix = "rsync"
     daemon = await env.daemon(prefix, openai={"max_concurrency": 64})
@@ -64,7 +64,7 @@ async def bench_sync(env: Env, *, rounds: int = 4) -> list[Check]:
     total = 200 + rounds * (SYNC_ITEMS + LATENCY_ITEMS) + 60
     payloads = [item_1k(i, priority="urgent") for i in range(total)]
     now = datetime.now(UTC)
-    bodies = [pipeline.prepare(Intake(p, "tags", f"{prefix}.in.tags", now))[2] for p in payloads]
+    bodies = [pipeline.prepare(Intake(p, "tags", f"{prefix}.in.tags", now)).body for p in payloads]
     seqs = itertools.count(1)
     client = AsyncOpenAI(base_url=env.base_url, api_key=KEY, max_retries=0, timeout=30)
 
@@ -231,13 +231,14 @@ async def sync_baseline(env: Env, daemon: Any, messages: list[tuple[str, bytes]]
     from openai import AsyncOpenAI
 
     from service.core.cost import Usage, cost_usd, price_for
-    from service.pipeline.process import Intake
+    from service.core.intake import Intake
 
     now = datetime.now(UTC)
     pipeline = daemon.pipeline
     bodies: dict[str, tuple[dict[str, Any], str, int]] = {}
     for handler, payload in messages:
-        spec, _, body = pipeline.prepare(Intake(payload, handler, f"x.in.{handler}", now))
+        body = pipeline.prepare(Intake(payload, handler, f"x.in.{handler}", now)).body
+        spec = pipeline.config.registry[handler]
         key = json.dumps(body, sort_keys=True)
         _, _, seen = bodies.get(key, (body, spec.model, 0))
         bodies[key] = (body, spec.model, seen + 1)

@@ -150,6 +150,39 @@ class Daemon:
                 extra={"max_item_bytes": max_item, "configured": s.limits.max_item_bytes},
             )
         sink = EventSink(js, self.subjects, self.redact, max_bytes=max_message)
+        a = s.alerts
+        self.alerts = Alerter(
+            AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
+            sink,
+            instance=s.instance,
+        )
+        ledger: Ledger | None = None
+        if s.budget.daily_usd is not None or s.budget.handlers:
+            ledger = await Ledger.open(
+                js,
+                f"{self.subjects.stream_suffix}_BUDGET",
+                Caps(s.budget.daily_usd, dict(s.budget.handlers)),
+                replicas=s.nats.stream_replicas,
+                clock=self.clock,
+                on_exceeded=self._budget_exceeded,
+            )
+        limiter: SharedLimiter | None = None
+        if s.rate_limits:
+            limiter = await SharedLimiter.open(
+                js,
+                f"{self.subjects.stream_suffix}_LIMITS",
+                {
+                    model: Limits(
+                        rpm=cfg.rpm,
+                        tpm=cfg.tpm,
+                        urgent_reserve=s.rate_limit_urgent_reserve,
+                        burst_s=cfg.burst_s,
+                        headroom=cfg.headroom,
+                    )
+                    for model, cfg in s.rate_limits.items()
+                },
+                replicas=s.nats.stream_replicas,
+            )
         self.pipeline = Pipeline(
             PipelineConfig(
                 registry=s.registry,
@@ -173,6 +206,13 @@ class Daemon:
             store=ResultStore(kv, self.subjects.results_bucket),
             sink=sink,
             clock=self.clock,
+            limiter=limiter,
+            ledger=ledger,
+            metrics=self.metrics,
+            alerts=self.alerts,
+            tracer=self.tracer,
+            on_buffered=self._wake_batcher,
+            budget_recheck_s=s.budget.recheck_s,
         )
         self.batcher = Batcher(
             js=js,
@@ -203,48 +243,17 @@ class Daemon:
             max_message_bytes=max_message,
             give_up_after_s=s.batching.give_up_after_s,
         )
-        self.pipeline.on_buffered = self.batcher.wake
-        self.pipeline.metrics = self.batcher.metrics = self.metrics
-        a = s.alerts
-        self.alerts = Alerter(
-            AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
-            self.pipeline.sink,  # type: ignore[arg-type]
-            instance=s.instance,
-        )
-        self.pipeline.alerts = self.batcher.alerts = self.alerts
-        self.pipeline.tracer = self.batcher.tracer = self.tracer
+        self.batcher.metrics = self.metrics
+        self.batcher.alerts = self.alerts
+        self.batcher.tracer = self.tracer
         self.stats = await DailyStats.open(
             js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
         )
         self.metrics.listeners.append(self.stats.record)
         self._register_gauges()
-        if s.budget.daily_usd is not None or s.budget.handlers:
-            ledger = await Ledger.open(
-                js,
-                f"{self.subjects.stream_suffix}_BUDGET",
-                Caps(s.budget.daily_usd, dict(s.budget.handlers)),
-                replicas=s.nats.stream_replicas,
-                clock=self.clock,
-                on_exceeded=self._budget_exceeded,
-            )
-            self.pipeline.ledger = self.batcher.ledger = ledger
-            self.pipeline.budget_recheck_s = self.batcher.budget_recheck_s = s.budget.recheck_s
-        if s.rate_limits:
-            self.pipeline.limiter = await SharedLimiter.open(
-                js,
-                f"{self.subjects.stream_suffix}_LIMITS",
-                {
-                    model: Limits(
-                        rpm=cfg.rpm,
-                        tpm=cfg.tpm,
-                        urgent_reserve=s.rate_limit_urgent_reserve,
-                        burst_s=cfg.burst_s,
-                        headroom=cfg.headroom,
-                    )
-                    for model, cfg in s.rate_limits.items()
-                },
-                replicas=s.nats.stream_replicas,
-            )
+        if ledger is not None:
+            self.batcher.ledger = ledger
+            self.batcher.budget_recheck_s = s.budget.recheck_s
         self._source = NatsSource(
             broker,
             self.subjects,
@@ -307,6 +316,11 @@ class Daemon:
             organization=s.openai.organization,
             project=s.openai.project,
         )
+
+    def _wake_batcher(self) -> None:
+        """The pipeline buffered items: the flush loop looks at its buffers now."""
+        if self.batcher is not None:
+            self.batcher.wake()
 
     def _register_gauges(self) -> None:
         assert self.batcher is not None

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.js import JetStreamContext
 
 from service.aio import reraise_if_cancelled
 from service.contract.subjects import Subjects
 from service.core import fastjson
-from service.core.events import fitted_entry, result_msg_id
-from service.core.redact import Redactor as Redactor  # re-exported until the batch path imports core.redact
+from service.core.endings import INTAKE_SEQ_HEADER
+from service.core.events import result_msg_id
+from service.core.intake import BufferWrite
+from service.core.redact import Redactor
 from service.observability import tracing
 
-if TYPE_CHECKING:
-    from service.pipeline.process import BufferWrite
+__all__ = ["INTAKE_SEQ_HEADER", "EventSink", "Redactor", "dumps", "keep_second_answer"]
 
 log = logging.getLogger("enrichd.sink")
 
@@ -26,9 +26,6 @@ log = logging.getLogger("enrichd.sink")
 def dumps(obj: Any) -> str:
     """Compact JSON text, UTF-8 kept as is (see service/core/fastjson.py)."""
     return fastjson.dumps(obj).decode()
-
-
-INTAKE_SEQ_HEADER = "Enrichd-Intake-Seq"
 
 
 async def keep_second_answer(
@@ -68,7 +65,13 @@ class EventSink:
         self._timeout_s = timeout_s
         self._max_bytes = max_bytes  # the largest payload NATS takes, less room for headers
 
-    def _payload(self, obj: Any) -> bytes:
+    @property
+    def max_bytes(self) -> int:
+        """The largest payload this sink writes (an ending's DLQ entry is fitted to it)."""
+        return self._max_bytes
+
+    def encode(self, obj: Any) -> bytes:
+        """A payload as published: compact JSON, scrubbed of secrets."""
         return self._redact(dumps(obj)).encode()
 
     async def result(
@@ -79,28 +82,21 @@ class EventSink:
         headers = tracing.inject({"Nats-Msg-Id": msg_id or plain})
         if intake_seq is not None:
             headers[INTAKE_SEQ_HEADER] = str(intake_seq)
-        subject, payload = self._subjects.out(event["handler"]), self._payload(event)
+        subject, payload = self._subjects.out(event["handler"]), self.encode(event)
         ack = await self._js.publish(subject, payload, headers=headers, timeout=self._timeout_s)
         if headers["Nats-Msg-Id"] == plain:
             await keep_second_answer(self._js, self._subjects, ack, subject, payload, headers)
 
-    async def dlq(self, entry: dict[str, Any], *, item_id: str, intake_seq: int | None) -> None:
-        handler = entry["handler"]
-        # Redeliveries of one intake message share an id (deduplicated); every sync request
-        # that fails gets its own entry.
-        suffix = str(intake_seq) if intake_seq is not None else f"sync-{uuid.uuid4().hex}"
-        msg_id = f"{item_id}:{handler}:dlq:{suffix}"
+    async def dlq(self, handler: str, payload: bytes, *, msg_id: str) -> None:
+        """Publish a DLQ entry (built and fitted by service/core/endings.py)."""
         await self._js.publish(
-            self._subjects.dlq(handler),
-            fitted_entry(entry, self._payload, self._max_bytes),
-            headers={"Nats-Msg-Id": msg_id},
-            timeout=self._timeout_s,
+            self._subjects.dlq(handler), payload, headers={"Nats-Msg-Id": msg_id}, timeout=self._timeout_s
         )
 
     async def lifecycle(self, topic: str, payload: dict[str, Any], *, msg_id: str | None = None) -> None:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         await self._js.publish(
-            self._subjects.event(topic), self._payload(payload), headers=headers, timeout=self._timeout_s
+            self._subjects.event(topic), self.encode(payload), headers=headers, timeout=self._timeout_s
         )
 
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:

@@ -2,16 +2,17 @@
 
 ``enrich.in.>`` is consumed by a durable pull consumer with explicit acks (every replica
 binds the same durable, so each message goes to one of them). A message is acked only
-after :meth:`Pipeline.process` returned, i.e. after its result event or its buffered
-record is stored in JetStream. ``enrich.sync.*`` is core request/reply in a queue group.
+after the pipeline's ``process`` (or ``buffer_many``) returned, i.e. after its result
+event or its buffered record is stored in JetStream. ``enrich.sync.*`` is core request/reply in a queue group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import nats
 import nats.errors
@@ -20,20 +21,45 @@ from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from service import failpoints
 from service.aio import quietly, reraise_if_cancelled
 from service.contract.subjects import Subjects
+from service.core import endings
 from service.core.errors import EnrichError
-from service.core.events import Outcome, result_event
-from service.core.items import salvage
+from service.core.events import Outcome
+from service.core.intake import BufferWrite, DeferError, Intake, Prepared
+from service.core.items import Item
 from service.core.redact import Redactor
 from service.observability import tracing
-from service.pipeline.process import BufferWrite, DeferError, Intake, Pipeline
 from service.sinks.events import dumps
 
 log = logging.getLogger("enrichd.source")
+
+
+class IntakePipeline(Protocol):
+    """What the source needs of the pipeline (service/pipeline/process.py's Pipeline)."""
+
+    @property
+    def tracer(self) -> trace.Tracer: ...
+
+    def buffer_now(self, intake: Intake) -> BufferWrite | Prepared:
+        """No I/O: a batch-routed good item's buffer message, else the parsed intake."""
+        ...
+
+    async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
+        """Publish buffer messages; True for each one stored (only those may be acked)."""
+        ...
+
+    async def process(self, intake: Intake | Prepared, *, force_sync: bool = False) -> dict[str, Any] | None:
+        """The message's durable next step (raises DeferError for "not now")."""
+        ...
+
+    async def finish(self, outcome: Outcome, *, item: Item | None, intake: Intake) -> dict[str, Any]:
+        """Write an ending: result event and DLQ entry (or store put)."""
+        ...
 
 
 class NatsSource:
@@ -41,7 +67,7 @@ class NatsSource:
         self,
         broker: NatsBroker,
         subjects: Subjects,
-        pipeline: Pipeline,
+        pipeline: IntakePipeline,
         redact: Redactor,
         *,
         durable: str,
@@ -149,10 +175,11 @@ class NatsSource:
     async def _take(self, msgs: list[Msg]) -> None:
         """Batch-routed items of one fetch are published to their buffers together and
         acked together once stored (one task for all of them); the rest get a task each."""
-        chunk: list[tuple[Msg, BufferWrite]] = []
+        chunk: list[tuple[Msg, BufferWrite, Span | None]] = []
         for msg in msgs:  # held at once: waiting for a slot must not let ack_wait run out
             self._held[id(msg)] = msg
         for msg in msgs:
+            span: Span | None = None
             try:
                 seq = msg.metadata.sequence.stream
                 first = self._working.get(seq)
@@ -161,14 +188,18 @@ class NatsSource:
                     continue
                 self._working[seq] = asyncio.get_running_loop().create_future()
                 intake = self._intake(msg)
-                write = self._pipeline.buffer_now(intake)
-                if write is None:
-                    await self._start(msg, intake)
+                span = self._intake_span(msg, intake)
+                with _current(span):
+                    taken = self._pipeline.buffer_now(intake)
+                if isinstance(taken, BufferWrite):
+                    chunk.append((msg, taken, span))
                 else:
-                    chunk.append((msg, write))
+                    await self._start(msg, taken, span)
             except Exception:  # noqa: BLE001 - one message must not stop the others
                 reraise_if_cancelled()
                 log.exception("intake message not taken; it will be redelivered")
+                if span is not None and span not in (c[2] for c in chunk):
+                    span.end()
                 self._held.pop(id(msg), None)
                 self._ended(msg, acked=False)
                 await quietly(msg.nak(delay=2.0))
@@ -210,18 +241,20 @@ class NatsSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_chunk(self, chunk: list[tuple[Msg, BufferWrite]]) -> None:
-        for msg, _ in chunk:  # the heartbeat keeps them ours while their PubAcks are awaited
+    async def _run_chunk(self, chunk: list[tuple[Msg, BufferWrite, Span | None]]) -> None:
+        for msg, _, _ in chunk:  # the heartbeat keeps them ours while their PubAcks are awaited
             self._held[id(msg)] = msg
         stored = [False] * len(chunk)
         try:
-            stored = await self._pipeline.buffer_many([write for _, write in chunk])
+            stored = await self._pipeline.buffer_many([write for _, write, _ in chunk])
         finally:
-            for msg, _ in chunk:
+            for msg, _, span in chunk:
                 self._held.pop(id(msg), None)
-            for (msg, _), ok in zip(chunk, stored, strict=True):
+                if span is not None:
+                    span.end()
+            for (msg, _, _), ok in zip(chunk, stored, strict=True):
                 self._ended(msg, acked=ok)
-        for (msg, _), ok in zip(chunk, stored, strict=True):
+        for (msg, _, _), ok in zip(chunk, stored, strict=True):
             # Not stored: JetStream redelivers the message a little later (the buffer's
             # Nats-Msg-Id keeps a stored-but-unconfirmed write from doubling).
             try:
@@ -256,28 +289,40 @@ class NatsSource:
             seq=meta.sequence.stream,
         )
 
-    async def _start(self, msg: Msg, intake: Intake) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(self._run(msg, intake), name=f"item-{intake.seq}")
+    def _intake_span(self, msg: Msg, intake: Intake) -> Span | None:
+        """The message's ``enrich.intake`` span (None when tracing is off), started as it
+        is taken and ended when its next step is durable, on either path."""
+        tracer = self._pipeline.tracer
+        if not tracing.enabled(tracer):
+            return None
+        return tracer.start_span(
+            "enrich.intake",
+            context=tracing.extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "enrichd.intake_seq": intake.seq or 0,
+            },
+        )
+
+    async def _start(self, msg: Msg, prepared: Prepared, span: Span | None) -> None:
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            if span is not None:
+                span.end()
+            raise
+        task = asyncio.create_task(self._run(msg, prepared, span), name=f"item-{prepared.intake.seq}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, msg: Msg, intake: Intake) -> None:
+    async def _run(self, msg: Msg, prepared: Prepared, span: Span | None) -> None:
         self._held[id(msg)] = msg
+        intake = prepared.intake
         try:
-            tracer = self._pipeline.tracer
-            with tracing.span(
-                tracer,
-                "enrich.intake",
-                lambda: {
-                    "messaging.system": "nats",
-                    "messaging.destination.name": msg.subject,
-                    "enrichd.intake_seq": intake.seq or 0,
-                },
-                context=tracing.extract(msg.headers),
-                kind=SpanKind.CONSUMER,
-            ):
-                await self._process_until_done(intake)
+            with _current(span, end=True):
+                await self._process_until_done(prepared)
         except asyncio.CancelledError:  # shutdown: left unacked, redelivered to whoever runs next
             self._ended(msg, acked=False)
             raise
@@ -295,20 +340,24 @@ class NatsSource:
         self._ended(msg, acked=True)
         await quietly(msg.ack())
 
-    async def _process_until_done(self, intake: Intake) -> None:
+    async def _process_until_done(self, prepared: Prepared) -> None:
         """Process; when the pipeline says "not now" (budget spent), hold the message (the
         heartbeat keeps it ours) and pause pulling more, rather than NAK it: a NAK would
         count as a delivery and a day of waiting would exhaust ``max_deliver``."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await self._pipeline.process(intake)
+                await self._pipeline.process(prepared)
                 return
             except DeferError as exc:
                 self._paused_until = max(self._paused_until, loop.time() + exc.delay_s)
                 log.info(
                     "item waits",
-                    extra={"seq": intake.seq, "delay_s": round(exc.delay_s, 1), "reason": exc.reason},
+                    extra={
+                        "seq": prepared.intake.seq,
+                        "delay_s": round(exc.delay_s, 1),
+                        "reason": exc.reason,
+                    },
                 )
                 await asyncio.sleep(exc.delay_s)
 
@@ -331,18 +380,13 @@ class NatsSource:
             event = await self._pipeline.process(intake, force_sync=True)
         except Exception as exc:  # noqa: BLE001 - the requester must always get an answer
             log.exception("sync request failed")
-            item_id, metadata, source = salvage(intake.raw)
-            event = result_event(
-                Outcome(
-                    id=item_id,
-                    handler=intake.handler,
-                    route="sync",
-                    model=None,
+            event = endings.result_event(
+                endings.salvaged_outcome(
+                    intake.raw,
+                    intake.handler,
+                    EnrichError("internal", str(exc), retryable=True).info(),
                     received_at=intake.received_at,
-                    completed_at=datetime.now(UTC),
-                    error=EnrichError("internal", str(exc), retryable=True).info(),
-                    metadata=metadata,
-                    source=source,
+                    now=datetime.now(UTC),
                 )
             )
         return self._redact(dumps(event)).encode()
@@ -377,18 +421,13 @@ class NatsSource:
             f"delivered {advisory.get('deliveries')} times without completing",
             retryable=True,
         )
-        item_id, metadata, source = salvage(intake.raw)  # never raises
-        outcome = Outcome(
-            id=item_id,
-            handler=intake.handler,
-            route="sync",
-            model=None,
+        outcome = endings.salvaged_outcome(  # never raises
+            intake.raw,
+            intake.handler,
+            error.info(),
             received_at=intake.received_at,
-            completed_at=datetime.now(UTC),
-            error=error.info(),
+            now=datetime.now(UTC),
             attempts=int(advisory.get("deliveries") or 0),
-            metadata=metadata,
-            source=source,
         )
         for attempt in range(3):  # NATS may be briefly unreachable: a few tries
             try:
@@ -419,3 +458,8 @@ class NatsSource:
     def inflight(self) -> int:
         """Intake messages being worked on (each one of a buffer-write task counts)."""
         return len(self._tasks) - len(self._chunks) + sum(self._chunks.values())
+
+
+def _current(span: Span | None, *, end: bool = False) -> AbstractContextManager[Any]:
+    """``span`` as the current span (ended on exit when ``end``), or nothing."""
+    return nullcontext() if span is None else trace.use_span(span, end_on_exit=end)
