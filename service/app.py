@@ -42,7 +42,8 @@ from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings
 from service.sinks.events import EventSink
 from service.sources.folder_source import FolderSource
-from service.sources.nats_source import NatsSource
+from service.sources.nats_intake import NatsIntake
+from service.sources.nats_requests import NatsRequests
 from service.state.batches import BatchStore
 from service.state.budget import Ledger
 from service.state.limits import SharedLimiter
@@ -75,7 +76,8 @@ class Daemon:
         self._emulator: Any = None
         self._broker: NatsBroker | None = None
         self._provider: OpenAISyncProvider | None = None
-        self._source: NatsSource | None = None
+        self._source: NatsIntake | None = None
+        self._requests: NatsRequests | None = None
         self._health: HealthServer | None = None
         self._meter_provider: Any = None
         self.folders: FolderSource | None = None
@@ -254,22 +256,29 @@ class Daemon:
         if ledger is not None:
             self.batcher.ledger = ledger
             self.batcher.budget_recheck_s = s.budget.recheck_s
-        self._source = NatsSource(
+        self._source = NatsIntake(
+            self.subjects,
+            self.pipeline,
+            durable=s.nats.consumer,
+            ack_wait_s=s.nats.ack_wait_s,
+            max_deliver=s.nats.max_deliver,
+        )
+        self._requests = NatsRequests(
             broker,
             self.subjects,
             self.pipeline,
             self.redact,
             durable=s.nats.consumer,
-            ack_wait_s=s.nats.ack_wait_s,
-            max_deliver=s.nats.max_deliver,
             sync_workers=s.openai.max_concurrency,
         )
-        self._source.register()
+        self._requests.register()
         broker.subscriber(
             self.subjects.control("cancel"), queue=f"{s.nats.consumer}-control", include_in_schema=False
         )(self._on_cancel)
         await broker.start()
         await self._source.start(js)
+        self._spawn(self._source.pull_loop(), "intake")
+        self._spawn(self._source.heartbeats(), "intake-heartbeat")
         if s.folders.enabled:
             self.folders = FolderSource(s, self.subjects, broker.connection, self.redact)
             await self.folders.start()
@@ -373,6 +382,16 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _stop_intake(self) -> None:
+        """Stop pulling (the "intake" loop) and release the consumer; in-flight items go
+        on, kept ours by the heartbeats until they are drained."""
+        for task in self._tasks:
+            if task.get_name() == "intake":
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._source is not None:
+            await self._source.unsubscribe()
+
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run a long-lived loop under the daemon's supervision: a loop that ends (with an
         error or not) while the daemon is not stopping is logged with its traceback, and
@@ -461,7 +480,7 @@ class Daemon:
         if self.folders is not None:
             await _stage("folder watching stopped", self.folders.stop(), 10)
         if self._source is not None:
-            await _stage("intake stopped", self._source.stop_intake(), 5)
+            await _stage("intake stopped", self._stop_intake(), 5)
             for sub in list(self._broker.subscribers if self._broker else []):
                 await _stage("subscriber stopped", sub.stop(), 5)
             left = await self._source.drain(grace)

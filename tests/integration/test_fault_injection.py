@@ -65,18 +65,18 @@ async def test_max_deliveries_of_an_unparseable_message_still_ends_it(make_daemo
     # The max-deliveries path reads what it can of the message and must never raise: a
     # body holding an integer Python cannot convert used to escape it, leaving no ending.
     daemon = await make_daemon()
-    await daemon._source.stop_intake()  # the message stays in the stream, as after max_deliver
+    await daemon._stop_intake()  # the message stays in the stream, as after max_deliver
     js = nc.jetstream()
     body = b'{"id": "md1", "text": "x", "metadata": {"n": ' + b"8" * 5000 + b"}}"
     ack = await js.publish(f"{prefix}.in.tags", body)
     advisory = {"stream": daemon.subjects.stream("IN"), "stream_seq": ack.seq, "deliveries": 10}
-    await daemon._source.on_max_deliveries(advisory)
+    await daemon._requests.on_max_deliveries(advisory)
     [event] = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 1))
     assert event["status"] == "error" and event["error"]["code"] == "max_deliveries"
     [entry] = events(await read_stream(js, daemon.subjects.stream("DLQ"), f"{prefix}.dlq.tags", 1))
     assert entry["id"] == event["id"] and entry["raw"].startswith('{"id": "md1"')
     # an advisory for a message that is gone is logged, never raised
-    await daemon._source.on_max_deliveries({"stream": daemon.subjects.stream("IN"), "stream_seq": 10**9})
+    await daemon._requests.on_max_deliveries({"stream": daemon.subjects.stream("IN"), "stream_seq": 10**9})
 
 
 def free_port() -> int:

@@ -1,9 +1,10 @@
-"""The NATS source: the only code that reads intake messages and acks them.
+"""The NATS intake: the only code that reads intake messages and acks them.
 
 ``enrich.in.>`` is consumed by a durable pull consumer with explicit acks (every replica
 binds the same durable, so each message goes to one of them). A message is acked only
 after the pipeline's ``process`` (or ``buffer_many``) returned, i.e. after its result
-event or its buffered record is stored in JetStream. ``enrich.sync.*`` is core request/reply in a queue group.
+event or its buffered record is stored in JetStream. ``enrich.sync.*`` and the
+max-deliveries advisory are served by service/sources/nats_requests.py.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import asyncio
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
-from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -27,68 +27,33 @@ from opentelemetry.trace import Span, SpanKind
 from service import failpoints
 from service.aio import quietly, reraise_if_cancelled
 from service.contract.subjects import Subjects
-from service.core import endings
-from service.core.errors import EnrichError
-from service.core.events import Outcome
 from service.core.intake import BufferWrite, DeferError, Intake, Prepared
-from service.core.items import Item
-from service.core.redact import Redactor
 from service.observability import tracing
-from service.sinks.events import dumps
+from service.sources.ports import IntakePipeline
 
 log = logging.getLogger("enrichd.source")
 
 
-class IntakePipeline(Protocol):
-    """What the source needs of the pipeline (service/pipeline/process.py's Pipeline)."""
-
-    @property
-    def tracer(self) -> trace.Tracer: ...
-
-    def buffer_now(self, intake: Intake) -> BufferWrite | Prepared:
-        """No I/O: a batch-routed good item's buffer message, else the parsed intake."""
-        ...
-
-    async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
-        """Publish buffer messages; True for each one stored (only those may be acked)."""
-        ...
-
-    async def process(self, intake: Intake | Prepared, *, force_sync: bool = False) -> dict[str, Any] | None:
-        """The message's durable next step (raises DeferError for "not now")."""
-        ...
-
-    async def finish(self, outcome: Outcome, *, item: Item | None, intake: Intake) -> dict[str, Any]:
-        """Write an ending: result event and DLQ entry (or store put)."""
-        ...
-
-
-class NatsSource:
+class NatsIntake:
     def __init__(
         self,
-        broker: NatsBroker,
         subjects: Subjects,
         pipeline: IntakePipeline,
-        redact: Redactor,
         *,
         durable: str,
         ack_wait_s: float,
         max_deliver: int,
         max_inflight: int = 512,
-        sync_workers: int = 16,
     ) -> None:
-        self._broker = broker
         self._subjects = subjects
         self._pipeline = pipeline
-        self._redact = redact
         self._durable = durable
         self._ack_wait_s = ack_wait_s
         self._max_deliver = max_deliver
         self._slots = asyncio.Semaphore(max_inflight)
         self._max_inflight = max_inflight
-        self._sync_workers = sync_workers
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
-        self._loop: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._held: dict[int, Msg] = {}  # in-flight intake messages, by id()
         # Stream sequences being processed, and whether that ended in an ack. A message
@@ -97,25 +62,10 @@ class NatsSource:
         # delivery's ending and is acked with it, never processed (or answered) again.
         self._working: dict[int, asyncio.Future[bool]] = {}
         self._chunks: dict[asyncio.Task[None], int] = {}  # buffer-write tasks: their messages
-        self._beat: asyncio.Task[None] | None = None
-
-    def register(self) -> None:
-        """Declare the core-NATS subscribers on the broker (before ``broker.start()``)."""
-        s = self._subjects
-        self._broker.subscriber(
-            s.sync_filter,
-            queue=f"{self._durable}-sync",
-            max_workers=self._sync_workers,
-            title="sync",
-            description="Request/reply: the reply is the item's result event, computed at once.",
-        )(self.on_sync)
-        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream('IN')}.{self._durable}"
-        self._broker.subscriber(advisory, queue=f"{self._durable}-advisory", include_in_schema=False)(
-            self.on_max_deliveries
-        )
 
     async def start(self, js: JetStreamContext) -> None:
-        """Bind the durable intake consumer and start pulling.
+        """Bind the durable intake consumer; the daemon then runs :meth:`pull_loop` and
+        :meth:`heartbeats` as its own supervised tasks.
 
         The pull loop is ours rather than FastStream's: FastStream 0.7.8 suppresses only
         ``nats.errors.TimeoutError`` around ``fetch``, while nats-py 2.16 can raise a plain
@@ -132,10 +82,8 @@ class NatsSource:
                 max_ack_pending=self._max_inflight * 4,
             ),
         )
-        self._loop = asyncio.create_task(self._pull_loop(), name="intake")
-        self._beat = asyncio.create_task(self._heartbeats(), name="intake-heartbeat")
 
-    async def _pull_loop(self) -> None:
+    async def pull_loop(self) -> None:
         while True:
             try:
                 await self._pull_once()
@@ -266,12 +214,9 @@ class NatsSource:
     def _free_slots(self) -> int:
         return self._max_inflight - self.inflight
 
-    async def stop_intake(self) -> None:
-        """Stop pulling; in-flight items go on (see :meth:`drain`)."""
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
+    async def unsubscribe(self) -> None:
+        """After the pull loop was cancelled: release the consumer; in-flight items go on
+        (see :meth:`drain`)."""
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
@@ -361,83 +306,13 @@ class NatsSource:
                 )
                 await asyncio.sleep(exc.delay_s)
 
-    async def _heartbeats(self) -> None:
+    async def heartbeats(self) -> None:
         """Long provider calls (retries, backoff, a budget wait) must not let ack_wait
         expire: one loop tells JetStream every held message is still in progress."""
         while True:
             await asyncio.sleep(max(0.5, self._ack_wait_s / 3))
             for msg in list(self._held.values()):
                 await quietly(msg.in_progress())
-
-    async def on_sync(self, msg: NatsMessage) -> bytes:
-        intake = Intake(
-            raw=msg.body,
-            handler=msg.raw_message.subject.removeprefix(self._subjects.sync_prefix),
-            subject=msg.raw_message.subject,
-            received_at=datetime.now(UTC),
-        )
-        try:
-            event = await self._pipeline.process(intake, force_sync=True)
-        except Exception as exc:  # noqa: BLE001 - the requester must always get an answer
-            log.exception("sync request failed")
-            event = endings.result_event(
-                endings.salvaged_outcome(
-                    intake.raw,
-                    intake.handler,
-                    EnrichError("internal", str(exc), retryable=True).info(),
-                    received_at=intake.received_at,
-                    now=datetime.now(UTC),
-                )
-            )
-        return self._redact(dumps(event)).encode()
-
-    async def on_max_deliveries(self, advisory: dict[str, Any]) -> None:
-        """A message that was delivered ``max_deliver`` times without an ack: end it with
-        an error event and a DLQ entry instead of leaving it silently behind. Never
-        raises (a core-NATS advisory is not sent again): what fails is logged."""
-        try:
-            await self._end_undelivered(advisory)
-        except Exception:  # noqa: BLE001 - the last resort must not fail silently either
-            reraise_if_cancelled()
-            log.exception("could not end a message after max deliveries", extra={"advisory": advisory})
-
-    async def _end_undelivered(self, advisory: dict[str, Any]) -> None:
-        js = self._broker.config.connection_state.stream
-        try:
-            raw = await js.get_msg(advisory["stream"], advisory["stream_seq"])
-        except Exception:  # noqa: BLE001 - gone (limits, purge): nothing left to end
-            log.warning("message after max deliveries is gone", extra={"advisory": advisory})
-            return
-        subject = raw.subject or ""
-        intake = Intake(
-            raw=raw.data or b"",
-            handler=subject.removeprefix(self._subjects.intake_prefix),
-            subject=subject,
-            received_at=raw.time.astimezone(UTC) if raw.time else datetime.now(UTC),
-            seq=raw.seq,
-        )
-        error = EnrichError(
-            "max_deliveries",
-            f"delivered {advisory.get('deliveries')} times without completing",
-            retryable=True,
-        )
-        outcome = endings.salvaged_outcome(  # never raises
-            intake.raw,
-            intake.handler,
-            error.info(),
-            received_at=intake.received_at,
-            now=datetime.now(UTC),
-            attempts=int(advisory.get("deliveries") or 0),
-        )
-        for attempt in range(3):  # NATS may be briefly unreachable: a few tries
-            try:
-                await self._pipeline.finish(outcome, item=None, intake=intake)
-                return
-            except Exception:  # noqa: BLE001
-                reraise_if_cancelled()
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(1.0 + attempt)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight items; returns how many were still running at the deadline
@@ -448,10 +323,6 @@ class NatsSource:
         unfinished = sum(self._chunks.get(task, 1) for task in pending)
         for task in pending:
             task.cancel()
-        if self._beat is not None:
-            self._beat.cancel()
-            await asyncio.gather(self._beat, return_exceptions=True)
-            self._beat = None
         return unfinished
 
     @property
