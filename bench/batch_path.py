@@ -260,7 +260,7 @@ async def raw_publish(js: JetStreamContext, messages: list[tuple[str, bytes, dic
 
 def finished_batch(daemon: Any, records: list[tuple[str, dict[str, Any]]], flush_id: str) -> tuple[Any, Any]:
     """A finished provider batch of these records, as Batcher._finish hands it over."""
-    from service.providers.openai_batch import BatchInfo
+    from service.core.batch_info import BatchInfo
     from service.state.batches import BatchRecord
 
     first = records[0][1]
@@ -302,7 +302,7 @@ def to_prefix(messages: list[tuple[str, bytes, dict[str, str]]], old: str, new: 
 
 
 async def bench_results(env: Env, *, rounds: int = 2) -> list[Check]:
-    from service.batch.outcomes import Ok
+    from service.core.batch_outcomes import Ok
     from service.contract.subjects import Subjects
     from service.core.batchfile import custom_id
     from service.core.cost import Usage

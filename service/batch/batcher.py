@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind
 from handlers import HandlerSpec
 from service import failpoints
 from service.aio import reraise_if_cancelled
-from service.batch.outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
+from service.core.batch_outcomes import Action, ActionCollector, Fail, Ok, Retry, failed_batch_actions
 from service.contract.subjects import Subjects
 from service.core import batch_faults, fastjson
 from service.core.batchfile import LineReader, custom_id, encode_line, to_jsonl

@@ -12,7 +12,7 @@ from handlers import HandlerSpec
 from service.core.batchfile import LineFailed, LineOk, LineOutcome
 from service.core.cost import Usage
 from service.core.errors import EnrichError, ErrorInfo, InvalidOutputError
-from service.providers.openai_batch import BatchInfo
+from service.core.batch_info import BatchInfo
 
 
 @dataclass(frozen=True)
