@@ -172,6 +172,31 @@ class Daemon:
             sink=sink,
             clock=self.clock,
         )
+        self.pipeline.metrics = self.metrics
+        a = s.alerts
+        self.alerts = Alerter(
+            AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
+            self.pipeline.sink,  # type: ignore[arg-type]
+            instance=s.instance,
+        )
+        self.pipeline.alerts = self.alerts
+        self.pipeline.tracer = self.tracer
+        self.stats = await DailyStats.open(
+            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
+        )
+        self.metrics.listeners.append(self.stats.record)
+        ledger: Ledger | None = None
+        if s.budget.daily_usd is not None or s.budget.handlers:
+            ledger = await Ledger.open(
+                js,
+                f"{self.subjects.stream_suffix}_BUDGET",
+                Caps(s.budget.daily_usd, dict(s.budget.handlers)),
+                replicas=s.nats.stream_replicas,
+                clock=self.clock,
+                on_exceeded=self._budget_exceeded,
+            )
+            self.pipeline.ledger = ledger
+            self.pipeline.budget_recheck_s = s.budget.recheck_s
         self.batcher = Batcher(
             js=js,
             subjects=self.subjects,
@@ -200,33 +225,14 @@ class Daemon:
             max_tokens_param=s.openai.max_tokens_param,
             max_message_bytes=max_message,
             give_up_after_s=s.batching.give_up_after_s,
+            metrics=self.metrics,
+            alerts=self.alerts,
+            tracer=self.tracer,
+            ledger=ledger,
+            budget_recheck_s=s.budget.recheck_s,
         )
         self.pipeline.on_buffered = self.batcher.wake
-        self.pipeline.metrics = self.batcher.metrics = self.metrics
-        a = s.alerts
-        self.alerts = Alerter(
-            AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
-            self.pipeline.sink,  # type: ignore[arg-type]
-            instance=s.instance,
-        )
-        self.pipeline.alerts = self.batcher.alerts = self.alerts
-        self.pipeline.tracer = self.batcher.tracer = self.tracer
-        self.stats = await DailyStats.open(
-            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
-        )
-        self.metrics.listeners.append(self.stats.record)
         self._register_gauges()
-        if s.budget.daily_usd is not None or s.budget.handlers:
-            ledger = await Ledger.open(
-                js,
-                f"{self.subjects.stream_suffix}_BUDGET",
-                Caps(s.budget.daily_usd, dict(s.budget.handlers)),
-                replicas=s.nats.stream_replicas,
-                clock=self.clock,
-                on_exceeded=self._budget_exceeded,
-            )
-            self.pipeline.ledger = self.batcher.ledger = ledger
-            self.pipeline.budget_recheck_s = self.batcher.budget_recheck_s = s.budget.recheck_s
         if s.rate_limits:
             self.pipeline.limiter = await SharedLimiter.open(
                 js,
