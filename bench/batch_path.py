@@ -149,7 +149,7 @@ async def plain_upload(client: Any, lines: list[tuple[str, str, dict[str, Any]]]
 
 async def daemon_upload(provider: Any, lines: list[tuple[str, str, dict[str, Any]]]) -> float:
     """The daemon's own build + upload: service.core.batchfile.to_jsonl and
-    OpenAIBatchProvider.upload (what Batcher._submit calls). Seconds."""
+    OpenAIBatchProvider.upload (what Submitter.submit calls). Seconds."""
     from service.core.batchfile import to_jsonl
 
     started = time.perf_counter()
@@ -259,7 +259,7 @@ async def raw_publish(js: JetStreamContext, messages: list[tuple[str, bytes, dic
 
 
 def finished_batch(daemon: Any, records: list[tuple[str, dict[str, Any]]], flush_id: str) -> tuple[Any, Any]:
-    """A finished provider batch of these records, as Batcher._finish hands it over."""
+    """A finished provider batch of these records, as Lifecycle._finish hands it over."""
     from service.core.batch_info import BatchInfo
     from service.state.batches import BatchRecord
 
