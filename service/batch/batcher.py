@@ -186,8 +186,8 @@ class Batcher:
     def request_stop(self) -> None:
         """Let the loops end at their next step. Cancellation alone is not enough: on
         Python 3.11 ``asyncio.wait_for`` (used inside nats-py) can swallow a cancel."""
-        self._closing = self.flusher.closing = True
-        self._wake.set()
+        self._closing = True
+        self.flusher.request_stop()
 
     def wake(self) -> None:
         """Something was buffered: re-check thresholds now."""

@@ -74,11 +74,16 @@ class Flusher:
         self.tracer = tracer
         self.clock = clock
         self.monotonic = monotonic
-        self.closing = False
+        self._closing = False
         self._avg_bytes = 2048.0
         self.blocked_until: dict[str, float] = {}  # by buffer subject, monotonic
         self._empty_fetches: dict[str, int] = {}  # due by the stream, nothing to fetch
         self.last_buffers: dict[str, BufferState] = {}
+
+    def request_stop(self) -> None:
+        """The flush loop ends at its next round."""
+        self._closing = True
+        self._wake.set()
 
     async def buffer_states(self) -> dict[str, BufferState]:
         states = await self.buffers.states(self.held.seqs, self._avg_bytes)
@@ -86,7 +91,7 @@ class Flusher:
         return states
 
     async def flush_loop(self) -> None:
-        while not self.closing:
+        while not self._closing:
             reraise_if_cancelled()
             delay = 5.0
             try:
