@@ -152,7 +152,7 @@ async def plain_upload(client: Any, lines: list[tuple[str, str, dict[str, Any]]]
 
 async def daemon_upload(provider: Any, lines: list[tuple[str, str, dict[str, Any]]]) -> float:
     """The daemon's own build + upload: service.core.batchfile.to_jsonl and
-    OpenAIBatchProvider.upload (what Batcher._submit calls). Seconds."""
+    OpenAIBatchProvider.upload (what Submitter.submit calls). Seconds."""
     from service.core.batchfile import to_jsonl
 
     started = time.perf_counter()
@@ -262,8 +262,8 @@ async def raw_publish(js: JetStreamContext, messages: list[tuple[str, bytes, dic
 
 
 def finished_batch(daemon: Any, records: list[tuple[str, dict[str, Any]]], flush_id: str) -> tuple[Any, Any]:
-    """A finished provider batch of these records, as Batcher._finish hands it over."""
-    from service.providers.openai_batch import BatchInfo
+    """A finished provider batch of these records, as Lifecycle._finish hands it over."""
+    from service.core.batch_info import BatchInfo
     from service.state.batches import BatchRecord
 
     first = records[0][1]
@@ -305,8 +305,8 @@ def to_prefix(messages: list[tuple[str, bytes, dict[str, str]]], old: str, new: 
 
 
 async def bench_results(env: Env, *, rounds: int = 2) -> list[Check]:
-    from service.batch.outcomes import Ok
     from service.contract.subjects import Subjects
+    from service.core.batch_outcomes import Ok
     from service.core.batchfile import custom_id
     from service.core.cost import Usage
     from service.state.streams import ensure_streams, open_kv
@@ -328,13 +328,15 @@ async def bench_results(env: Env, *, rounds: int = 2) -> list[Check]:
         record, info = finished_batch(daemon, records, f"fresults{k}")
         # The messages the daemon will send (result-store put + result event per item).
         messages = [
-            m for it, act in zip(items, actions, strict=True) for m in batcher._messages(record, it, act)
+            m
+            for it, act in zip(items, actions, strict=True)
+            for m in batcher.publisher.messages(record, it, act)
         ]
         if not raw_s:
             raw_s.append(await raw_publish(js, to_prefix(messages, prefix, raw_prefix, ":r0")))
         record = await batcher.store.create(record)
         started = time.perf_counter()
-        await batcher._publish(record, info, items, actions)
+        await batcher.publisher.publish(record, info, items, actions)
         daemon_s.append(time.perf_counter() - started)
         raw_s.append(await raw_publish(js, to_prefix(messages, prefix, raw_prefix, f":r{k + 1}")))
     ratios = [(raw_s[k] + raw_s[k + 1]) / 2 / daemon_s[k] for k in range(rounds)]

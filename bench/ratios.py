@@ -50,7 +50,7 @@ BENCHES: dict[str, tuple[int, str, str, Bench]] = {
     ),
     "results": (
         3,
-        "50,000 batch results: `Batcher._publish` (events + result store, chunks of 1,000)",
+        "50,000 batch results: `Publisher.publish` (events + result store, chunks of 1,000)",
         "raw `publish_async` of the same 100,000 messages",
         batch_path.bench_results,
     ),

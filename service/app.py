@@ -77,6 +77,7 @@ class Daemon:
         self._broker: NatsBroker | None = None
         self._provider: OpenAISyncProvider | None = None
         self._source: NatsIntake | None = None
+        self._sink: EventSink | None = None
         self._requests: NatsRequests | None = None
         self._health: HealthServer | None = None
         self._meter_provider: Any = None
@@ -151,7 +152,8 @@ class Daemon:
                 "items are limited by the NATS server's max_payload",
                 extra={"max_item_bytes": max_item, "configured": s.limits.max_item_bytes},
             )
-        sink = EventSink(js, self.subjects, self.redact, max_bytes=max_message)
+        sink = self._sink = EventSink(js, self.subjects, self.redact, max_bytes=max_message)
+        results = ResultStore(kv, self.subjects.results_bucket)
         a = s.alerts
         self.alerts = Alerter(
             AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
@@ -205,7 +207,7 @@ class Daemon:
                 max_message_bytes=max_message,
             ),
             provider=self._provider,
-            store=ResultStore(kv, self.subjects.results_bucket),
+            store=results,
             sink=sink,
             clock=self.clock,
             limiter=limiter,
@@ -216,12 +218,16 @@ class Daemon:
             on_buffered=self._wake_batcher,
             budget_recheck_s=s.budget.recheck_s,
         )
+        self.stats = await DailyStats.open(
+            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
+        )
+        self.metrics.listeners.append(self.stats.record)
         self.batcher = Batcher(
             js=js,
             subjects=self.subjects,
             store=await BatchStore.open(js, self.subjects.stream_suffix, replicas=s.nats.stream_replicas),
-            results=self.pipeline.store,  # type: ignore[arg-type]
-            sink=self.pipeline.sink,  # type: ignore[arg-type]
+            results=results,
+            sink=sink,
             redact=self.redact,
             provider=OpenAIBatchProvider(self._provider.client),
             registry=s.registry,
@@ -244,18 +250,13 @@ class Daemon:
             max_tokens_param=s.openai.max_tokens_param,
             max_message_bytes=max_message,
             give_up_after_s=s.batching.give_up_after_s,
+            metrics=self.metrics,
+            alerts=self.alerts,
+            tracer=self.tracer,
+            ledger=ledger,
+            budget_recheck_s=s.budget.recheck_s,
         )
-        self.batcher.metrics = self.metrics
-        self.batcher.alerts = self.alerts
-        self.batcher.tracer = self.tracer
-        self.stats = await DailyStats.open(
-            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
-        )
-        self.metrics.listeners.append(self.stats.record)
         self._register_gauges()
-        if ledger is not None:
-            self.batcher.ledger = ledger
-            self.batcher.budget_recheck_s = s.budget.recheck_s
         self._source = NatsIntake(
             self.subjects,
             self.pipeline,
@@ -339,7 +340,6 @@ class Daemon:
 
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""
-        assert self.pipeline is not None
         body, alert = exceeded_events(
             day=day,
             scope=scope,
@@ -349,9 +349,9 @@ class Daemon:
             instance=self.settings.instance,
         )
         log.warning("budget exceeded: new work waits for the next budget day", extra=body)
-        sink = self.pipeline.sink
-        await sink.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")  # type: ignore[attr-defined]
-        await sink.lifecycle("alert", alert, msg_id=f"{day}:{scope}:budget-alert")  # type: ignore[attr-defined]
+        assert self._sink is not None
+        await self._sink.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")
+        await self._sink.lifecycle("alert", alert, msg_id=f"{day}:{scope}:budget-alert")
 
     async def _on_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
         """Cancel a batch on the operator's request; its items end when the provider

@@ -5,42 +5,12 @@ statuses pass through, every failure becomes a classified :class:`ProviderError`
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from openai import AsyncOpenAI
 
+from service.core.batch_info import KEY_FIELD, BatchError, BatchInfo
 from service.providers.openai_sync import classify_exception
-
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-KEY_FIELD = "enrichd_flush"
-
-
-@dataclass(frozen=True)
-class BatchError:
-    code: str
-    message: str
-    line: int | None
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    id: str
-    status: str
-    created_at: int
-    output_file_id: str | None
-    error_file_id: str | None
-    request_counts: dict[str, int]
-    errors: list[BatchError] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
-
-    @property
-    def flush_id(self) -> str | None:
-        return self.metadata.get(KEY_FIELD)
 
 
 def _file_id(value: Any) -> str | None:

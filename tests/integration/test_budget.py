@@ -72,7 +72,7 @@ async def test_budget_blocks_batch_flush_until_next_day(make_daemon, nc, prefix,
     first_day = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", total, timeout_s=3)
     assert 0 < len(first_day) < total  # what the day's budget paid for; the rest waits in the buffer
     clock.now += timedelta(days=1)
-    daemon.batcher._blocked_until.clear()  # noqa: SLF001 - skip the real-time recheck pause
+    daemon.batcher.flusher.blocked_until.clear()  # skip the real-time recheck pause
     out = events(
         await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", total, timeout_s=30)
     )

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from handlers import build_registry
-from service.batch.outcomes import Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
+from service.core.batch_info import BatchError, BatchInfo
+from service.core.batch_outcomes import Fail, Ok, Retry, completed_batch_actions, failed_batch_actions
 from service.core.batchfile import LineFailed, LineOk, custom_id, parse_lines, to_jsonl
 from service.core.batching import (
     BatchPolicy,
@@ -21,7 +22,6 @@ from service.core.batching import (
     take,
     until_next_check,
 )
-from service.providers.openai_batch import BatchError, BatchInfo
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)  # a Sunday
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers import HandlerSpec
+from service.core.batch_info import BatchInfo
 from service.core.batchfile import LineFailed, LineOk, LineOutcome
 from service.core.cost import Usage
 from service.core.errors import EnrichError, ErrorInfo, InvalidOutputError
-from service.providers.openai_batch import BatchInfo
 
 
 @dataclass(frozen=True)
