@@ -20,10 +20,10 @@ from service.batch.held import HeldCopies
 from service.batch.publisher import Message, Publisher
 from service.batch.spend import Spend
 from service.contract.subjects import Subjects
-from service.core import fastjson
+from service.core import endings, fastjson
 from service.core.batching import BatchPolicy, BufferState, flush_reason, until_next_check
 from service.core.errors import EnrichError
-from service.core.events import Outcome, dlq_entry, fitted_entry, result_event, result_msg_id
+from service.core.events import Outcome
 from service.core.flush_plan import Encoded, budget_wait_s, empty_fetch_wait_s, fit, flush_id, plan_fetch
 from service.sinks.events import dumps
 from service.state.batches import BatchRecord, BatchStore, seq_ranges
@@ -262,41 +262,29 @@ class Flusher:
                 metadata=data.get("metadata"),
                 source=data.get("source"),
             )
-            event = result_event(outcome)
-            entry = dlq_entry(
-                id=data["id"],
-                handler=handler,
+            ending = endings.end(
+                outcome,
+                intake_seq=r.get("intake_seq"),
+                subject=self.subjects.intake_prefix + handler,
                 item=data,
                 raw=None,
-                error=exc.info(),
-                attempts=0,
-                subject=self.subjects.intake_prefix + handler,
-                failed_at=now,
+                encode=lambda e: self.publisher.redact(dumps(e)).encode(),
+                max_dlq_bytes=self.publisher.max_message_bytes,
+                header_on_error=False,
             )
-            seq = r.get("intake_seq")
-            dlq_payload = fitted_entry(
-                entry, lambda e: self.publisher.redact(dumps(e)).encode(), self.publisher.max_message_bytes
-            )
+            assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
             messages.append(
-                (
-                    self.subjects.dlq(handler),
-                    dlq_payload,
-                    {"Nats-Msg-Id": f"{data['id']}:{handler}:dlq:{seq}"},
-                )
+                (self.subjects.dlq(handler), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id})
             )
-            msg_id = result_msg_id(data["id"], handler, error_intake_seq=seq)
             messages.append(
                 (
                     self.subjects.out(handler),
-                    self.publisher.redact(dumps(event)).encode(),
-                    {"Nats-Msg-Id": msg_id},
+                    self.publisher.redact(dumps(ending.event)).encode(),
+                    ending.headers,
                 )
             )
-            self.publisher.metrics.outcome(event, None)
-            log.warning(
-                "item failed",
-                extra={"item_id": data["id"], "handler": handler, "error_code": exc.code, "attempts": 0},
-            )
+            self.publisher.metrics.outcome(ending.event, None)
+            log.log(ending.log_level, ending.log_message, extra=ending.log_fields)
         await self.publisher.acked(await self.publisher.send_nowait(messages), messages)
         for m, _, _ in failed:
             await m.ack()

@@ -22,10 +22,11 @@ from service.batch.lease import Leases
 from service.batch.records import event_body, record_token
 from service.batch.spend import Spend
 from service.contract.subjects import Subjects
+from service.core import endings
 from service.core.batch_info import BatchInfo
 from service.core.batch_outcomes import Action, Fail, Ok, Retry
 from service.core.cost import Price, cost_usd, price_for
-from service.core.events import Outcome, dlq_entry, fitted_entry, result_event, result_msg_id, stored_answer
+from service.core.events import Outcome
 from service.observability import tracing
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
@@ -103,7 +104,7 @@ class Publisher:
                 keep_records.append(r)
                 continue
             received = datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
-            event, msg_id, cached = stored_answer(
+            ending = endings.from_store(
                 stored.event,
                 stored.intake_seq,
                 intake_seq=r["intake_seq"],
@@ -112,11 +113,10 @@ class Publisher:
                 received_at=received,
                 now=now,
             )
-            if cached:
-                self.metrics.outcome(event, (now - received).total_seconds())
-            payload = self.redact(dumps(event)).encode()
-            headers = {"Nats-Msg-Id": msg_id, INTAKE_SEQ_HEADER: str(r["intake_seq"])}
-            messages.append((self.subjects.out(r["handler"]), payload, headers))
+            if ending.cached:
+                self.metrics.outcome(ending.event, (now - received).total_seconds())
+            payload = self.redact(dumps(ending.event)).encode()
+            messages.append((self.subjects.out(r["handler"]), payload, ending.headers))
             answered.append(m)
         await self.acked(await self.send_nowait(messages), messages)
         for m in answered:
@@ -250,8 +250,22 @@ class Publisher:
             source=data.get("source"),
             result=action.result if isinstance(action, Ok) else None,
             error=action.error if isinstance(action, Fail) else None,
+            last_message=action.last_message if isinstance(action, Fail) else None,
         )
-        event = result_event(outcome)
+        # One ending for both routes (service/core/endings.py): event, ids, header, DLQ
+        # entry and log line. Batch error events carry no intake-seq header (their
+        # ``:error:<seq>`` id names the intake message).
+        ending = endings.end(
+            outcome,
+            intake_seq=item.get("intake_seq"),
+            subject=self.subjects.intake_prefix + handler,
+            item=data,
+            raw=None,
+            encode=lambda e: self.redact(dumps(e)).encode(),
+            max_dlq_bytes=self.max_message_bytes,
+            header_on_error=False,
+        )
+        event = ending.event
         latency_s = (outcome.completed_at - outcome.received_at).total_seconds()
         if observed is None:
             self.metrics.outcome(event, latency_s)
@@ -259,20 +273,8 @@ class Publisher:
             observed.append((event, latency_s))
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
-        if not outcome.ok or log.isEnabledFor(logging.DEBUG):
-            log.log(
-                logging.WARNING if not outcome.ok else logging.DEBUG,
-                "item failed" if not outcome.ok else "item done",
-                extra={
-                    "item_id": data["id"],
-                    "handler": handler,
-                    "batch_id": record.batch_id,
-                    "attempts": outcome.attempts,
-                    "error_code": outcome.error.code if outcome.error else None,
-                    "input_tokens": usage.input_tokens,
-                    "output_tokens": usage.output_tokens,
-                },
-            )
+        if log.isEnabledFor(ending.log_level):
+            log.log(ending.log_level, ending.log_message, extra=ending.log_fields)
         out: list[Message] = []
         event_json = dumps(event)
         if isinstance(action, Ok):
@@ -281,27 +283,9 @@ class Publisher:
             )
             out.append((subject, payload, {}))
         else:
-            assert isinstance(action, Fail)
-            entry = dlq_entry(
-                id=data["id"],
-                handler=handler,
-                item=data,
-                raw=None,
-                error=action.error,
-                attempts=outcome.attempts,
-                subject=self.subjects.intake_prefix + handler,
-                failed_at=outcome.completed_at,
-                last_provider_message=action.last_message,
-            )
-            msg_id = f"{data['id']}:{handler}:dlq:{item.get('intake_seq')}"
-            payload = fitted_entry(entry, lambda e: self.redact(dumps(e)).encode(), self.max_message_bytes)
-            out.append((self.subjects.dlq(handler), payload, {"Nats-Msg-Id": msg_id}))
-        msg_id = result_msg_id(
-            data["id"], handler, error_intake_seq=None if event["status"] == "ok" else item.get("intake_seq")
-        )
-        headers = {"Nats-Msg-Id": msg_id}
-        if event["status"] == "ok":
-            headers[INTAKE_SEQ_HEADER] = str(item.get("intake_seq"))
+            assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
+            out.append((self.subjects.dlq(handler), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id}))
+        headers = ending.headers
         if tracing.enabled(self.tracer):
             # The far side of the batch hop: continue the item's trace from its intake span.
             with self.tracer.start_as_current_span(
