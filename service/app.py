@@ -504,7 +504,9 @@ class Daemon:
             self._broker = None
         await self._close_clients()
         counters = self.pipeline.counters.summary() if self.pipeline else ""
-        log.info(f"stopped: {counters} unfinished={left}")
+        batch = self.batcher.publisher.tally if self.batcher else {}
+        batch_line = " ".join(f"{k}={batch.get(k, 0)}" for k in ("ok", "error", "cached", "retried"))
+        log.info(f"stopped: {counters} unfinished={left} batch: {batch_line}")
 
 
 async def _stage(name: str, awaitable: Any, timeout_s: float) -> None:

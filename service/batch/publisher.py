@@ -5,6 +5,7 @@ the result store for copies of answered items (held copies released)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -77,6 +78,8 @@ class Publisher:
         self.batch_discount = batch_discount
         self.metrics = metrics
         self.alerts = alerts
+        # What this process published (ok / error / retried / cached), for the shutdown line.
+        self.tally: collections.Counter[str] = collections.Counter()
         self.tracer = tracer
         self.held = held
         self.wake = wake  # a held copy went back to the buffer: the flush loop looks again
@@ -114,6 +117,7 @@ class Publisher:
                 now=now,
             )
             if ending.cached:
+                self.tally["cached"] += 1
                 self.metrics.outcome(ending.event, (now - received).total_seconds())
             payload = self.redact(dumps(ending.event)).encode()
             messages.append((self.subjects.out(r["handler"]), payload, ending.headers))
@@ -163,6 +167,10 @@ class Publisher:
             record = await self.leases.save(record)
         if self.spend.owes(record) and start == 0:
             await self.spend.settle(record, items, actions)
+        for action in actions[start:]:
+            self.tally[
+                "ok" if isinstance(action, Ok) else "error" if isinstance(action, Fail) else "retried"
+            ] += 1
         record.state = "published"
         record.outcome = counts
         record = await self.leases.save(record)

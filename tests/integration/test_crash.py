@@ -120,6 +120,11 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     ids = Counter(e["id"] for e in out)
     assert len(ids) == len(items) and set(ids.values()) == {1}
     assert all(e["status"] == "ok" for e in out)
+    # the shutdown line counts the batch route's results too (issue 11)
+    lines = [line for line in daemon.log_tail(100000).splitlines() if '"stopped: ' in line]
+    batch_ok = sum(int(line.split("batch: ok=")[1].split()[0]) for line in lines)
+    sync_ok = sum(int(line.split(" ok=")[1].split()[0]) for line in lines)
+    assert batch_ok > 0 and batch_ok + sync_ok >= len(items), lines
 
 
 @pytest.mark.slow
