@@ -191,7 +191,7 @@ class Pipeline:
         batched = isinstance(decision, BatchRoute) and not force_sync
         if not batched:
             # Batched items are looked up in the store when their buffer is flushed, many
-            # at once (Batcher._answer_stored), which keeps intake at one round trip.
+            # at once (batch/publisher.py, answer_stored), which keeps intake at one round trip.
             stored = await self.store.get(item.handler, item.id)
             if stored is not None:
                 return await self._finish.from_store(msg, item, stored)
@@ -347,7 +347,7 @@ def buffer_write(
 def buffer_record(intake: Intake, item: Item, decision: BatchRoute) -> dict[str, Any]:
     """What a batched item's buffer message holds: enough to send it in a batch and to
     answer it later without the intake message. The request body is not kept (it holds
-    the text a second time): the flush builds it from the item (Batcher, encode_for_flush)."""
+    the text a second time): the flush builds it from the item (core/flush_plan.py, request_body)."""
     return {
         "handler": item.handler,
         "item": item.to_dict(),
