@@ -41,7 +41,7 @@ from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings
 from service.sinks.events import EventSink
-from service.sources.folder_source import FolderSource
+from service.sources.folders.source import FolderSource
 from service.sources.nats_intake import NatsIntake
 from service.sources.nats_requests import NatsRequests
 from service.state.batches import BatchStore

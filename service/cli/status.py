@@ -16,7 +16,7 @@ from service.cli.admin import connect
 from service.contract.subjects import Subjects
 from service.settings import Settings
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore
-from service.state.files import progress as folder_progress
+from service.state.folder_files import progress as folder_progress
 from service.state.stats import per_hour, read_days
 
 

@@ -2,7 +2,7 @@
 
 These models *describe* the wire format for the AsyncAPI document (``service.asyncapi``)
 and for consumers; the daemon itself builds its payloads in ``service.core.events``,
-``service.batcher``, ``service.app`` and ``service.sources.folder_source``.
+``service.batcher``, ``service.app`` and ``service.sources.folders``.
 ``tests/unit/test_asyncapi.py`` checks that what those build is valid against the schemas
 generated from here.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.sources import folder_source
+from service.sources.folders import retry
 from tests.conftest import read_stream
 from tests.integration.test_folders import drop, folder_daemon, lines, outcome, wait_for
 
@@ -23,7 +23,7 @@ __all__ = ["folder_daemon"]  # the fixture, imported for this module
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     # the backoff of a failed step starts at 2 s; the tests need not wait that long
-    monkeypatch.setattr(folder_source, "RETRY_BASE_S", 0.2, raising=False)
+    monkeypatch.setattr(retry, "RETRY_BASE_S", 0.2)
 
 
 def mode(path: Path) -> int:

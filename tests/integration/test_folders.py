@@ -18,7 +18,7 @@ import pytest
 
 from devkit.process import DaemonProcess
 from service.core.formats import split_front_matter
-from service.sources.folder_source import FolderSource
+from service.sources.folders.source import FolderSource
 from tests.conftest import FIXTURES, events, read_stream
 from tests.integration.test_crash import daemon_env
 

@@ -1,18 +1,23 @@
 """Pure parts of the folder source's state and result matching (issue 10): records that
-cannot be written again, DLQ entries within a size, shortened names, and which intake
-message a result event answers."""
+cannot be written again, DLQ entries within a size, shortened names, which intake
+message a result event answers, the bounded retries and where results files go."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.settings import Settings
-from service.sources.folder_results import answered_seq, belongs
-from service.state.files import NAME_MAX, FileMeta, ReadConfig, _record, bound_dlq, fit_name
+from service.sources.folders.claim import results_place
+from service.sources.folders.read import ReadConfig, _record, bound_dlq
+from service.sources.folders.results import answered_seq, belongs
+from service.sources.folders.retry import done_event_delay_s, step_delay_s
+from service.state.folder_files import FileMeta
+from service.state.safe_paths import NAME_MAX, fit_name
 
 
 def read_config(max_item_bytes: int = 1 << 20) -> ReadConfig:
@@ -88,3 +93,47 @@ def test_belongs_matches_the_intake_message_not_just_the_id() -> None:
     assert belongs({"x": 5}, "x", 6) is False  # another file's message of the same item
     assert belongs({}, "x", 6) is None  # published, PubAck not recorded yet: look again later
     assert belongs(None, "x", 6) is True and belongs({"x": 5}, "x", None) is True  # by id alone
+
+
+@pytest.mark.parametrize(
+    ("failures", "temporary", "delay_s"),
+    [
+        (1, False, 2.0),
+        (2, False, 4.0),
+        (3, False, 8.0),
+        (4, False, None),  # OTHER_ATTEMPTS: the file is given up
+        (1, True, 2.0),
+        (8, True, 256.0),
+        (9, True, 300.0),  # capped at RETRY_MAX_S
+        (11, True, 300.0),
+        (12, True, None),  # TEMPORARY_ATTEMPTS
+    ],
+)
+def test_a_failed_step_is_retried_with_a_doubling_backoff_a_bounded_number_of_times(
+    failures: int, temporary: bool, delay_s: float | None
+) -> None:
+    assert step_delay_s(failures, temporary=temporary) == delay_s
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay_s"),
+    [(1, 4.0), (2, 8.0), (5, 64.0), (6, None)],  # DONE_EVENT_ATTEMPTS
+)
+def test_file_done_is_retried_a_bounded_number_of_times(failures: int, delay_s: float | None) -> None:
+    assert done_event_delay_s(failures) == delay_s
+
+
+@pytest.mark.parametrize(
+    ("rel", "parts", "name"),
+    [
+        ("tags/export.jsonl", ("tags",), "export.jsonl.results.jsonl"),
+        ("tags/a/b/x.csv", ("tags", "a", "b"), "x.csv.results.jsonl"),
+        ("q3.md", ("summarize",), "q3.md.results.jsonl"),  # the default handler's folder
+    ],
+)
+def test_the_results_file_goes_under_the_handler_keeping_the_folders_below(
+    rel: str, parts: tuple[str, ...], name: str
+) -> None:
+    handler = rel.split("/")[0] if "/" in rel else "summarize"
+    meta = FileMeta("k", rel, handler, "/nowhere/x", "2026-01-01T00:00:00.000Z")
+    assert results_place(Path("/out"), meta) == (Path("/out"), parts, name)

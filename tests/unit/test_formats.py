@@ -226,7 +226,7 @@ def test_json_list_elements_cut_by_the_read_buffer_are_read_whole(
     chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a number cut at the buffer's end must not be read as a shorter number
-    monkeypatch.setattr("service.core.formats._JSON_CHUNK", chunk)
+    monkeypatch.setattr("service.core.json_stream._JSON_CHUNK", chunk)
     data = '\ufeff [ {"text": "a", "n": 123456789}, 7, {"text": "b\\n\\"]", "x": [1, {"y": -2.5e3}]} ,"s" ]\n'
     found = entries("x.json", data.encode())
     assert found[0] == {"text": "a", "n": 123456789}

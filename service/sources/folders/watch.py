@@ -1,5 +1,5 @@
 """The inbox watcher of the folder source (step 1, *settle*, of the life of a file in
-:mod:`service.sources.folder_source`): :class:`InboxWatcher` reports each file of
+:mod:`service.sources.folders`): :class:`InboxWatcher` reports each file of
 ``folders.inbox`` once it is complete — found by watchfiles events or a scan, and taken
 once unchanged for ``folders.settle_s`` (a file that is already older is taken at once)."""
 
@@ -17,7 +17,7 @@ from watchfiles import Change, awatch
 
 from service.aio import reraise_if_cancelled
 from service.core.formats import ignored_name
-from service.state.files import display
+from service.state.safe_paths import display
 
 log = logging.getLogger("enrichd.folders")
 RESCAN_S = 60.0  # safety net for missed notifications (inotify queue overflow, odd mounts)

@@ -1,5 +1,5 @@
 """The results collector of the folder source (step 5, *collect*, of the life of a file in
-:mod:`service.sources.folder_source`): :class:`ResultCollector`, a durable pull consumer on
+:mod:`service.sources.folders`): :class:`ResultCollector`, a durable pull consumer on
 ``<prefix>.out.>`` that spools each result a claimed file awaits (fsync, then ack).
 
 A result belongs to a file when it answers the intake message that file published (its
@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -26,9 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from service.aio import quietly, reraise_if_cancelled
 from service.contract.subjects import Subjects
 from service.sinks.events import INTAKE_SEQ_HEADER
-
-if TYPE_CHECKING:
-    from service.sources.folder_source import Job
+from service.sources.folders.job import Job
 
 log = logging.getLogger("enrichd.folders")
 FETCH = 500  # result events per pull
