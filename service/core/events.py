@@ -139,7 +139,13 @@ def fitted_entry(entry: dict[str, Any], encode: Callable[[Any], bytes], limit: i
     if len(payload) <= limit:
         return payload
     # metadata or another field alone is too large: keep the identity and the error
-    slim = {k: entry[k] for k in ("id", "handler", "error", "attempts", "subject", "failed_at")}
+    slim: dict[str, Any] = {k: entry.get(k) for k in ("id", "handler", "attempts", "subject", "failed_at")}
+    error = entry.get("error")
+    if isinstance(error, dict):
+        slim["error"] = {**error, "message": str(error.get("message", ""))[:500]}
+    if isinstance(entry.get("file"), str):  # a watched folder's file
+        slim["file"] = entry["file"][:1000]
+    slim["item"] = None
     slim["truncated"] = {"field": "entry", "bytes": len(encode(entry))}
     return encode(slim)
 

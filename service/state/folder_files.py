@@ -10,7 +10,7 @@ file under ``<state_dir>/folders/<key>/``:
 * ``spool.tsv``: ``<key>\\t<result event JSON>``, appended (and fsynced) as results arrive;
   the first line for a key wins.
 * ``dlq.jsonl``: DLQ entries of the records that failed locally (each bounded, see
-  :func:`service.sources.folders.read.bound_dlq`).
+  :func:`service.core.events.fitted_entry`).
 * ``intake.tsv``: ``<key>\t<intake stream seq>``, appended (and fsynced) as intake
   PubAcks arrive: results are matched to the intake message they answer.
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from service.core.events import fitted_entry
 from service.settings import Settings
 from service.sources.folders.claim import results_place
-from service.sources.folders.read import ReadConfig, _record, bound_dlq
+from service.sources.folders.read import ReadConfig, _record, entry_json
 from service.sources.folders.results import answered_seq, belongs
 from service.sources.folders.retry import done_event_delay_s, step_delay_s
 from service.state.folder_files import FileMeta
@@ -44,16 +45,16 @@ def test_a_huge_bad_record_is_dead_lettered_as_a_prefix() -> None:
     _, _, bad = _record(1, entry, read_config(1 << 20), META)
     assert bad is not None
     dlq = json.loads(bad[1])
-    assert len(bad[1]) <= 1 << 20 and dlq["truncated"] is True and dlq["item"] is None
+    assert len(bad[1]) <= 1 << 20 and dlq["truncated"]["field"] == "raw" and dlq["item"] is None
     assert dlq["raw"].startswith('{"id": "big"') and dlq["error"]["code"] == "item_too_large"
 
 
-def test_bound_dlq_keeps_small_entries_and_cuts_large_ones() -> None:
+def test_dlq_entries_keep_small_entries_and_cut_large_ones() -> None:
     small = {"id": "a", "raw": "r" * 10, "error": {"code": "invalid_json", "message": "m"}}
-    assert json.loads(bound_dlq(small, 1000)) == small
+    assert json.loads(fitted_entry(small, entry_json, 1000)) == small
     huge = {"id": "a", "item": {"text": "\x00" * 100_000}, "error": {"code": "c", "message": "m" * 9000}}
-    out = bound_dlq(huge, 4096)
-    assert len(out) <= 4096 and json.loads(out)["truncated"] is True
+    out = fitted_entry(huge, entry_json, 4096)
+    assert len(out) <= 4096 and json.loads(out)["truncated"]["field"] == "entry"
 
 
 @pytest.mark.parametrize(

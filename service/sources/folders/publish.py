@@ -18,11 +18,11 @@ from nats.js import JetStreamContext
 
 from service import failpoints
 from service.contract.subjects import Subjects
-from service.core.events import iso
+from service.core.events import fitted_entry, iso
 from service.core.redact import Redactor
 from service.sinks.events import dumps
 from service.sources.folders.job import Job
-from service.sources.folders.read import bound_dlq
+from service.sources.folders.read import entry_json
 from service.state.folder_files import read_chunk
 from service.state.safe_paths import display
 
@@ -90,7 +90,7 @@ class FilePublisher:
                 headers = {"Nats-Msg-Id": f"{job.meta.handler}:dlq:file:{job.meta.key}:{n}"}
                 payload = self._redact(line.decode()).encode()
                 if len(payload) > self._max_payload - 1024:  # redaction made it longer
-                    payload = bound_dlq(json.loads(payload), self._max_payload - 1024)
+                    payload = fitted_entry(json.loads(payload), entry_json, self._max_payload - 1024)
                 futures.append(await self._js.publish_async(subject, payload, headers=headers))
             await acked(futures)
 

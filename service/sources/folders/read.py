@@ -1,7 +1,7 @@
 """Step 3, *read*, of the life of a dropped file (:mod:`service.sources.folders`): the
 claimed file is read into its manifest (:mod:`service.state.folder_files`), each record
 validated against its handler; a record that fails locally gets its error event in the
-spool and its DLQ entry in ``dlq.jsonl`` (bounded, :func:`bound_dlq`). Nothing is
+spool and its DLQ entry in ``dlq.jsonl`` (bounded, :func:`service.core.events.fitted_entry`). Nothing is
 published here, so a file that turns out unreadable has cost nothing."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from handlers import HandlerSpec
 from service.core.entries import FileFormatError, LineError
 from service.core.errors import BadItemError, ErrorInfo
-from service.core.events import Outcome, dlq_entry, result_event
+from service.core.events import Outcome, dlq_entry, fitted_entry, result_event
 from service.core.formats import iter_file
 from service.core.items import Priority, item_from_object, raw_id, salvage
 from service.state.folder_files import PREPARED, FileMeta, FileState
@@ -115,7 +115,7 @@ def _record(
         try:
             data = json.dumps(entry, ensure_ascii=False, default=str).encode("utf-8", "replace")
         except (RecursionError, ValueError):
-            return f"!{n}", b"", _bad(_dumps(_shallow(entry)), None, exc.info(), cfg, meta)
+            return f"!{n}", b"", _bad(entry_json(_shallow(entry)), None, exc.info(), cfg, meta)
         return f"!{n}", b"", _bad(data, entry, exc.info(), cfg, meta)
     return item.id, raw, None
 
@@ -168,28 +168,8 @@ def _bad(
         failed_at=at,
     )
     dlq["file"] = display(meta.rel)
-    return _dumps(event), bound_dlq(dlq, cfg.max_item_bytes), error
+    return entry_json(event), fitted_entry(dlq, entry_json, cfg.max_item_bytes), error
 
 
-def bound_dlq(entry: dict[str, Any], limit: int) -> bytes:
-    """A DLQ entry as JSON of at most ``limit`` bytes: a long ``raw`` is cut (and
-    ``truncated`` set), then anything else that is long. Always publishable."""
-    data = _dumps(entry)
-    raw = entry.get("raw")
-    while len(data) > limit and isinstance(raw, str) and raw:
-        raw = raw[: min(len(raw) // 2, limit // 2)]
-        entry = {**entry, "raw": raw, "truncated": True}
-        data = _dumps(entry)
-    if len(data) > limit:
-        keep = {k: entry.get(k) for k in ("id", "handler", "subject", "failed_at", "attempts")}
-        error = entry.get("error") or {}
-        keep["error"] = (
-            {**error, "message": str(error.get("message", ""))[:500]} if isinstance(error, dict) else None
-        )
-        keep |= {"item": None, "raw": "", "truncated": True, "file": str(entry.get("file", ""))[:1000]}
-        data = _dumps(keep)
-    return data
-
-
-def _dumps(obj: Any) -> bytes:
+def entry_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "replace")
