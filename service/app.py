@@ -27,7 +27,7 @@ from service.contract.subjects import Subjects
 from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps, exceeded_events
-from service.core.events import iso
+from service.core.events import HEADER_ROOM, iso
 from service.core.ratelimit import Limits
 from service.core.redact import Redactor, redact_url, servers
 from service.core.retry import RetryPolicy
@@ -52,7 +52,6 @@ from service.state.stats import DailyStats
 from service.state.streams import ensure_streams, open_kv
 
 log = logging.getLogger("enrichd")
-HEADER_ROOM = 16 * 1024  # headers and framing, on top of a message's payload
 
 
 class DaemonFailedError(RuntimeError):

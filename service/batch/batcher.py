@@ -42,6 +42,7 @@ from service.core.batch_info import BatchInfo
 from service.core.batching import BatchPolicy, BufferState
 from service.core.cost import Price
 from service.core.errors import ProviderError
+from service.core.events import DEFAULT_MAX_MESSAGE_BYTES
 from service.observability import telemetry
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
@@ -79,7 +80,7 @@ class Batcher:
         results_chunk: int = 1000,
         flush_ack_wait_s: float = 120.0,
         max_tokens_param: str = "max_completion_tokens",
-        max_message_bytes: int = 1024 * 1024 - 16 * 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         give_up_after_s: float = 3600.0,
         metrics: Metrics | None = None,
         alerts: Alerter | None = None,

@@ -27,7 +27,7 @@ from service.core import endings
 from service.core.batch_info import BatchInfo
 from service.core.batch_outcomes import Action, Fail, Ok, Retry
 from service.core.cost import Price, cost_usd, price_for
-from service.core.events import Outcome
+from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome
 from service.observability import tracing
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
@@ -62,7 +62,7 @@ class Publisher:
         held: HeldCopies,
         wake: Callable[[], None],
         results_chunk: int = 1000,
-        max_message_bytes: int = 1024 * 1024 - 16 * 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.js = js

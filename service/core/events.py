@@ -99,6 +99,10 @@ def dlq_entry(
 
 
 MAX_PROVIDER_MESSAGE = 2000
+# The largest message the daemon writes when it has not read the server's max_payload:
+# NATS's default max_payload (1 MiB) less room for headers (the daemon reads the real one).
+HEADER_ROOM = 16 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024 - HEADER_ROOM
 
 
 def fitted_entry(entry: dict[str, Any], encode: Callable[[Any], bytes], limit: int) -> bytes:

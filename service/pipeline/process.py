@@ -23,7 +23,7 @@ from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
 from service.core.cost import Price
 from service.core.errors import BadItemError, EnrichError, ErrorInfo
-from service.core.events import Outcome, iso
+from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome, iso
 from service.core.intake import BufferWrite, DeferError, Intake, Prepared
 from service.core.items import Item, decode_object, item_from_object
 from service.core.routing import BatchRoute, BufferKey, Route, RoutingRules, route
@@ -50,7 +50,7 @@ class PipelineConfig:
     max_tokens_param: str = "max_completion_tokens"
     # The largest message the daemon may write (the server's max_payload, less room for
     # headers): an item whose buffer record would not fit is ``item_too_large`` at intake.
-    max_message_bytes: int = 1024 * 1024 - 16 * 1024
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 Clock = Callable[[], datetime]

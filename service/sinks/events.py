@@ -13,7 +13,7 @@ from service.aio import reraise_if_cancelled
 from service.contract.subjects import Subjects
 from service.core import fastjson
 from service.core.endings import INTAKE_SEQ_HEADER
-from service.core.events import result_msg_id
+from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, result_msg_id
 from service.core.intake import BufferWrite
 from service.core.redact import Redactor
 from service.observability import tracing
@@ -57,7 +57,7 @@ class EventSink:
         redact: Redactor,
         *,
         timeout_s: float = 10.0,
-        max_bytes: int = 1024 * 1024 - 16 * 1024,
+        max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self._js = js
         self._subjects = subjects
