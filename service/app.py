@@ -14,6 +14,8 @@ from typing import Any
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
+from service import wiring
+from service.aio import stage
 from service.batch.batcher import Batcher
 from service.broker.connect import (
     ConnectionMonitor,
@@ -24,29 +26,19 @@ from service.broker.connect import (
 )
 from service.broker.embedded import EmbeddedNats
 from service.contract.subjects import Subjects
-from service.core.alerts import AlertRules
-from service.core.batching import BatchPolicy, Window
-from service.core.budget import Caps, exceeded_events
 from service.core.events import HEADER_ROOM, iso
-from service.core.ratelimit import Limits
 from service.core.redact import Redactor, redact_url, servers
-from service.core.retry import RetryPolicy
-from service.core.routing import RoutingRules
 from service.observability import telemetry, tracing
 from service.observability.alerts import Alerter
 from service.observability.health import HealthServer
 from service.observability.sdnotify import Notifier
-from service.pipeline.process import Clock, Pipeline, PipelineConfig, utcnow
-from service.providers.openai_batch import OpenAIBatchProvider
+from service.pipeline.process import Clock, Pipeline, utcnow
 from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings
 from service.sinks.events import EventSink
 from service.sources.folders.source import FolderSource
 from service.sources.nats_intake import NatsIntake
 from service.sources.nats_requests import NatsRequests
-from service.state.batches import BatchStore
-from service.state.budget import Ledger
-from service.state.limits import SharedLimiter
 from service.state.results import ResultStore
 from service.state.stats import DailyStats
 from service.state.streams import ensure_streams, open_kv
@@ -111,7 +103,9 @@ class Daemon:
             nats_cfg = with_embedded_auth(s.nats, auth)
             self._embedded = EmbeddedNats(s.state_dir / "nats", port=s.nats.embedded_port, auth=auth)
             self.nats_url = await self._embedded.start()
-        await self._start_provider()
+        started_provider = await wiring.start_provider(s)
+        self._provider, self.provider_url = started_provider.client, started_provider.url
+        self._emulator = started_provider.emulator
         self._conn = ConnectionMonitor(self.nats_url, self._fail)
         broker = NatsBroker(
             servers(self.nats_url),
@@ -153,63 +147,17 @@ class Daemon:
             )
         sink = self._sink = EventSink(js, self.subjects, self.redact, max_bytes=max_message)
         results = ResultStore(kv, self.subjects.results_bucket)
-        a = s.alerts
-        self.alerts = Alerter(
-            AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s),
-            sink,
-            instance=s.instance,
+        self.alerts = wiring.alerter(s, sink)
+        ledger = await wiring.open_ledger(
+            js, s, self.subjects, clock=self.clock, on_exceeded=self._budget_exceeded
         )
-        ledger: Ledger | None = None
-        if s.budget.daily_usd is not None or s.budget.handlers:
-            ledger = await Ledger.open(
-                js,
-                f"{self.subjects.stream_suffix}_BUDGET",
-                Caps(s.budget.daily_usd, dict(s.budget.handlers)),
-                replicas=s.nats.stream_replicas,
-                clock=self.clock,
-                on_exceeded=self._budget_exceeded,
-            )
-        limiter: SharedLimiter | None = None
-        if s.rate_limits:
-            limiter = await SharedLimiter.open(
-                js,
-                f"{self.subjects.stream_suffix}_LIMITS",
-                {
-                    model: Limits(
-                        rpm=cfg.rpm,
-                        tpm=cfg.tpm,
-                        urgent_reserve=s.rate_limit_urgent_reserve,
-                        burst_s=cfg.burst_s,
-                        headroom=cfg.headroom,
-                    )
-                    for model, cfg in s.rate_limits.items()
-                },
-                replicas=s.nats.stream_replicas,
-            )
         self.pipeline = Pipeline(
-            PipelineConfig(
-                registry=s.registry,
-                rules=RoutingRules(
-                    sync_priorities=frozenset(s.routing.sync_priorities),
-                    max_latency_s=s.batching.max_latency_s,
-                ),
-                retry=RetryPolicy(
-                    max_attempts=s.retry.max_attempts,
-                    base_s=s.retry.base_s,
-                    max_backoff_s=s.retry.max_backoff_s,
-                    max_elapsed_s=s.retry.max_elapsed_s,
-                ),
-                prices=s.price_table,
-                batch_discount=s.batch_discount,
-                max_item_bytes=max_item,
-                max_tokens_param=s.openai.max_tokens_param,
-                max_message_bytes=max_message,
-            ),
+            wiring.pipeline_config(s, max_item_bytes=max_item, max_message_bytes=max_message),
             provider=self._provider,
             store=results,
             sink=sink,
             clock=self.clock,
-            limiter=limiter,
+            limiter=await wiring.open_limiter(js, s, self.subjects),
             ledger=ledger,
             metrics=self.metrics,
             alerts=self.alerts,
@@ -221,39 +169,20 @@ class Daemon:
             js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
         )
         self.metrics.listeners.append(self.stats.record)
-        self.batcher = Batcher(
-            js=js,
-            subjects=self.subjects,
-            store=await BatchStore.open(js, self.subjects.stream_suffix, replicas=s.nats.stream_replicas),
+        self.batcher = await wiring.build_batcher(
+            js,
+            s,
+            self.subjects,
+            provider=self._provider,
             results=results,
             sink=sink,
             redact=self.redact,
-            provider=OpenAIBatchProvider(self._provider.client),
-            registry=s.registry,
-            policy=BatchPolicy(
-                max_items=s.batching.max_items,
-                max_bytes=s.batching.max_bytes,
-                max_wait_s=s.batching.max_wait_s,
-                windows=tuple(Window.parse(w) for w in s.batching.windows),
-            ),
-            poll_interval_s=s.batching.poll_interval_s,
-            max_attempts=s.retry.max_attempts,
-            max_enqueued_tokens=s.batching.max_enqueued_tokens,
-            prices=s.price_table,
-            batch_discount=s.batch_discount,
-            instance_id=s.instance,
-            consumer=s.nats.consumer,
-            results_chunk=s.batching.results_chunk,
-            flush_ack_wait_s=s.batching.flush_ack_wait_s,
-            lease_s=s.batching.lease_s,
-            max_tokens_param=s.openai.max_tokens_param,
-            max_message_bytes=max_message,
-            give_up_after_s=s.batching.give_up_after_s,
             metrics=self.metrics,
             alerts=self.alerts,
             tracer=self.tracer,
             ledger=ledger,
-            budget_recheck_s=s.budget.recheck_s,
+            clock=self.clock,
+            max_message_bytes=max_message,
         )
         self._register_gauges()
         self._source = NatsIntake(
@@ -274,7 +203,7 @@ class Daemon:
         self._requests.register()
         broker.subscriber(
             self.subjects.control("cancel"), queue=f"{s.nats.consumer}-control", include_in_schema=False
-        )(self._on_cancel)
+        )(self.batcher.on_cancel_request)
         await broker.start()
         await self._source.start(js)
         self._spawn(self._source.pull_loop(), "intake")
@@ -303,29 +232,6 @@ class Daemon:
             },
         )
 
-    async def _start_provider(self) -> None:
-        s = self.settings
-        api_key = s.openai.api_key.get_secret_value() if s.openai.api_key else None
-        if s.openai.use_emulator:
-            from service.emulator import Emulator, EmulatorConfig
-
-            self._emulator = Emulator(EmulatorConfig(batch_delay_s=s.emulator.batch_delay_s))
-            self.provider_url = await self._emulator.start(host=s.emulator.host, port=s.emulator.port)
-            api_key = "emulator"
-            log.warning(
-                "no openai.api_key or openai.base_url configured: using the built-in emulator, "
-                "results are SYNTHETIC",
-                extra={"emulator_url": self.provider_url},
-            )
-        self._provider = OpenAISyncProvider(
-            base_url=self.provider_url,
-            api_key=api_key,
-            timeout_s=s.openai.timeout_s,
-            max_concurrency=s.openai.max_concurrency,
-            organization=s.openai.organization,
-            project=s.openai.project,
-        )
-
     def _wake_batcher(self) -> None:
         """The pipeline buffered items: the flush loop looks at its buffers now."""
         if self.batcher is not None:
@@ -339,30 +245,10 @@ class Daemon:
 
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""
-        body, alert = exceeded_events(
-            day=day,
-            scope=scope,
-            cap_usd=cap_usd,
-            spent_usd=spent_usd,
-            at=iso(self.clock()),
-            instance=self.settings.instance,
-        )
-        log.warning("budget exceeded: new work waits for the next budget day", extra=body)
         assert self._sink is not None
-        await self._sink.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")
-        await self._sink.lifecycle("alert", alert, msg_id=f"{day}:{scope}:budget-alert")
-
-    async def _on_cancel(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Cancel a batch on the operator's request; its items end when the provider
-        reports it cancelled."""
-        assert self.batcher is not None
-        batch_id = str(request.get("batch_id", ""))
-        try:
-            info = await self.batcher.cancel(batch_id)
-        except Exception as exc:  # noqa: BLE001 - the operator gets the reason
-            return {"batch_id": batch_id, "error": self.redact(str(exc))}
-        log.info("batch cancel requested", extra={"batch_id": batch_id, "status": info.status})
-        return {"batch_id": info.id, "status": info.status}
+        await self._sink.budget_exceeded(
+            day, scope, cap_usd, spent_usd, at=iso(self.clock()), instance=self.settings.instance
+        )
 
     def is_ready(self) -> bool:
         """Ready (``/readyz`` 200, ``WATCHDOG=1`` sent) only while consuming with NATS
@@ -451,18 +337,18 @@ class Daemon:
     async def _close_clients(self) -> None:
         """Last shutdown stages: provider client, emulator, embedded server, endpoints."""
         if self._provider is not None:
-            await _stage("provider client closed", self._provider.close(), 5)
+            await stage("provider client closed", self._provider.close(), 5)
         if self._emulator is not None:
-            await _stage("emulator stopped", self._emulator.stop(), 5)
+            await stage("emulator stopped", self._emulator.stop(), 5)
         if self._embedded is not None:
-            await _stage("embedded nats-server stopped", self._embedded.stop(), 15)
+            await stage("embedded nats-server stopped", self._embedded.stop(), 15)
         if self._health is not None:
-            await _stage("health endpoint stopped", self._health.stop(), 5)
+            await stage("health endpoint stopped", self._health.stop(), 5)
         # Off the event loop: shutting down exports what is left over HTTP (OTLP).
         if self._meter_provider is not None:
-            await _stage("metrics exported", asyncio.to_thread(self._meter_provider.shutdown), 10)
+            await stage("metrics exported", asyncio.to_thread(self._meter_provider.shutdown), 10)
         if self._tracer_provider is not None:
-            await _stage("traces exported", asyncio.to_thread(self._tracer_provider.shutdown), 10)
+            await stage("traces exported", asyncio.to_thread(self._tracer_provider.shutdown), 10)
 
     async def stop(self) -> None:
         """Shut down in stages, each logged and bounded: stop intake, let in-flight items
@@ -477,45 +363,32 @@ class Daemon:
         log.info("stopping", extra={"grace_s": grace})
         left = 0
         if self.folders is not None:
-            await _stage("folder watching stopped", self.folders.stop(), 10)
+            await stage("folder watching stopped", self.folders.stop(), 10)
         if self._source is not None:
-            await _stage("intake stopped", self._stop_intake(), 5)
+            await stage("intake stopped", self._stop_intake(), 5)
             for sub in list(self._broker.subscribers if self._broker else []):
-                await _stage("subscriber stopped", sub.stop(), 5)
+                await stage("subscriber stopped", sub.stop(), 5)
             left = await self._source.drain(grace)
             log.info("in-flight items drained", extra={"unfinished": left})
         if self.batcher is not None:
             self.batcher.request_stop()
         for task in self._tasks:
             task.cancel()
-        await _stage("background loops stopped", asyncio.gather(*self._tasks, return_exceptions=True), 5)
+        await stage("background loops stopped", asyncio.gather(*self._tasks, return_exceptions=True), 5)
         self._tasks = []
         if self.batcher is not None:
-            await _stage("buffer subscriptions closed", self.batcher.close(), 5)
+            await stage("buffer subscriptions closed", self.batcher.close(), 5)
         if self.stats is not None:
-            await _stage("today's tallies saved", self.stats.save(), 5)
+            await stage("today's tallies saved", self.stats.save(), 5)
         if self.alerts is not None:
-            await _stage("alerts sent", self.alerts.drain(), 5)
+            await stage("alerts sent", self.alerts.drain(), 5)
         if self._conn is not None:
             self._conn.stopping = True
         if self._broker is not None:
-            await _stage("nats connection drained", self._broker.stop(), 10)
+            await stage("nats connection drained", self._broker.stop(), 10)
             self._broker = None
         await self._close_clients()
         counters = self.pipeline.counters.summary() if self.pipeline else ""
         batch = self.batcher.publisher.tally if self.batcher else {}
         batch_line = " ".join(f"{k}={batch.get(k, 0)}" for k in ("ok", "error", "cached", "retried"))
         log.info(f"stopped: {counters} unfinished={left} batch: {batch_line}")
-
-
-async def _stage(name: str, awaitable: Any, timeout_s: float) -> None:
-    started = time.monotonic()
-    try:
-        await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        log.warning(f"shutdown stage timed out: {name}", extra={"timeout_s": timeout_s})
-        return
-    except Exception:  # noqa: BLE001 - best effort during shutdown
-        log.warning(f"shutdown stage failed: {name}", exc_info=True)
-        return
-    log.debug(name, extra={"took_s": round(time.monotonic() - started, 3)})

@@ -14,8 +14,10 @@ owned by the daemon):
   publish results (:mod:`~service.batch.publisher`). Every step is safe to repeat after a
   crash; docs/durability.md walks through each crash point.
 
-Time comes from ``clock`` (wall, epoch seconds) and ``monotonic``, the real ones unless
-given.
+Time is passed in, in three kinds: ``clock`` (wall, epoch seconds: ages, backoffs and
+leases, compared across replicas, so on the host's real clock), ``monotonic`` (pauses
+within this process) and ``calendar`` (the daemon's clock, a ``datetime``: which budget
+day it is and the ``completed_at`` stamps on events). The real ones unless given.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from nats.js import JetStreamContext
 from opentelemetry import trace
@@ -89,8 +93,12 @@ class Batcher:
         budget_recheck_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        calendar: Callable[[], datetime] | None = None,
     ) -> None:
+        if calendar is None:
+            calendar = lambda: datetime.fromtimestamp(clock(), UTC)  # noqa: E731
         self.store = store
+        self.redact = redact
         self.provider = provider
         self.instance_id = instance_id
         self.poll_interval_s = poll_interval_s
@@ -131,7 +139,7 @@ class Batcher:
             wake=self._wake.set,
             results_chunk=results_chunk,
             max_message_bytes=max_message_bytes,
-            clock=clock,
+            calendar=calendar,
         )
         self.submitter = Submitter(
             store=store,
@@ -177,6 +185,7 @@ class Batcher:
             tracer=tracer,
             clock=clock,
             monotonic=monotonic,
+            calendar=calendar,
         )
 
     @property
@@ -259,3 +268,14 @@ class Batcher:
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self.provider.cancel(batch_id)
+
+    async def on_cancel_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The operator's ``control.cancel`` request: ask the provider to cancel the
+        batch; its items end when the provider reports it cancelled."""
+        batch_id = str(request.get("batch_id", ""))
+        try:
+            info = await self.cancel(batch_id)
+        except Exception as exc:  # noqa: BLE001 - the operator gets the reason
+            return {"batch_id": batch_id, "error": self.redact(str(exc))}
+        log.info("batch cancel requested", extra={"batch_id": batch_id, "status": info.status})
+        return {"batch_id": info.id, "status": info.status}

@@ -55,6 +55,7 @@ class Flusher:
         tracer: trace.Tracer,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        calendar: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.buffers = buffers
         self.store = store
@@ -73,6 +74,7 @@ class Flusher:
         self.lease_s = lease_s
         self.tracer = tracer
         self.clock = clock
+        self.calendar = calendar
         self.monotonic = monotonic
         self._closing = False
         self._avg_bytes = 2048.0
@@ -186,7 +188,7 @@ class Flusher:
         except BudgetExhaustedError as exc:
             for m in msgs:
                 await m.nak()
-            wait = budget_wait_s(self.spend.recheck_s, datetime.fromtimestamp(self.clock(), UTC))
+            wait = budget_wait_s(self.spend.recheck_s, self.calendar())
             self.blocked_until[subject] = self.monotonic() + wait
             log.warning("buffer waits for the budget", extra={"buffer": subject, "reason": str(exc)})
             return None
@@ -248,7 +250,7 @@ class Flusher:
         """Buffered items whose request cannot be built any more (their handler was removed,
         or its prompt now names a field they lack) end with that error and a DLQ entry."""
         messages: list[Message] = []
-        now = datetime.fromtimestamp(self.clock(), UTC)
+        now = self.calendar()
         for _, r, exc in failed:
             data, handler = r["item"], r["handler"]
             outcome = Outcome(

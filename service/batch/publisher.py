@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -63,7 +62,7 @@ class Publisher:
         wake: Callable[[], None],
         results_chunk: int = 1000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        clock: Callable[[], float] = time.time,
+        calendar: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.js = js
         self.subjects = subjects
@@ -85,7 +84,7 @@ class Publisher:
         self.wake = wake  # a held copy went back to the buffer: the flush loop looks again
         self.results_chunk = results_chunk
         self.max_message_bytes = max_message_bytes  # the server's max_payload, less headers
-        self.clock = clock
+        self.calendar = calendar
 
     async def answer_stored(
         self, msgs: list[Any], records: list[dict[str, Any]]
@@ -100,7 +99,7 @@ class Publisher:
         if not any(found):
             return msgs, records
         keep_msgs, keep_records, answered, messages = [], [], [], []
-        now = datetime.fromtimestamp(self.clock(), UTC)
+        now = self.calendar()
         for m, r, stored in zip(msgs, records, found, strict=True):
             if stored is None:
                 keep_msgs.append(m)
@@ -181,7 +180,7 @@ class Publisher:
             "cancelled": "batch.cancelled",
             "failed": "batch.failed",
         }.get(info.status, "batch.completed")
-        body: dict[str, Any] = {**event_body(record, self.clock()), **counts}
+        body: dict[str, Any] = {**event_body(record, self.calendar().timestamp()), **counts}
         if reason is not None:
             body["reason"] = reason
         await self.sink.lifecycle(topic, body, msg_id=f"{info.id}:{info.status}")
@@ -249,7 +248,7 @@ class Publisher:
             route="batch",
             model=record.model,
             received_at=datetime.fromisoformat(item["received_at"].replace("Z", "+00:00")),
-            completed_at=datetime.fromtimestamp(self.clock(), UTC),
+            completed_at=self.calendar(),
             batch_id=record.batch_id,
             attempts=int(item.get("batch_attempts", 0)) + 1,
             usage=usage,

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from service.aio import reraise_if_cancelled
 from service.contract.subjects import Subjects
 from service.core import fastjson
+from service.core.budget import exceeded_events
 from service.core.endings import INTAKE_SEQ_HEADER
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, result_msg_id
 from service.core.intake import BufferWrite
@@ -98,6 +99,18 @@ class EventSink:
         await self._js.publish(
             self._subjects.event(topic), self.encode(payload), headers=headers, timeout=self._timeout_s
         )
+
+    async def budget_exceeded(
+        self, day: str, scope: str, cap_usd: float, spent_usd: float, *, at: str, instance: str
+    ) -> None:
+        """``budget.exceeded`` and its alert, once per budget day and scope (the message
+        ids dedupe the replicas that hit the cap at the same time)."""
+        body, alert = exceeded_events(
+            day=day, scope=scope, cap_usd=cap_usd, spent_usd=spent_usd, at=at, instance=instance
+        )
+        log.warning("budget exceeded: new work waits for the next budget day", extra=body)
+        await self.lifecycle("budget.exceeded", body, msg_id=f"{day}:{scope}:budget")
+        await self.lifecycle("alert", alert, msg_id=f"{day}:{scope}:budget-alert")
 
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish many buffer messages at once and wait for their PubAcks together:

@@ -1,0 +1,199 @@
+"""Builders for the composition root: each turns settings into one complete part (the
+provider, the pipeline's config, the batch path, the shared limiter and ledger). No part
+is changed after it is built; ``service.app`` calls these in order and owns what they
+return (its tasks, its shutdown)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js import JetStreamContext
+from opentelemetry import trace
+
+from service.batch.batcher import Batcher
+from service.contract.subjects import Subjects
+from service.core.alerts import AlertRules
+from service.core.batching import BatchPolicy, Window
+from service.core.budget import Caps
+from service.core.ratelimit import Limits
+from service.core.redact import Redactor
+from service.core.retry import RetryPolicy
+from service.core.routing import RoutingRules
+from service.observability.alerts import Alerter
+from service.observability.telemetry import Metrics
+from service.pipeline.process import Clock, PipelineConfig
+from service.providers.openai_batch import OpenAIBatchProvider
+from service.providers.openai_sync import OpenAISyncProvider
+from service.settings import Settings
+from service.sinks.events import EventSink
+from service.state.batches import BatchStore
+from service.state.budget import Ledger
+from service.state.limits import SharedLimiter
+from service.state.results import ResultStore
+
+log = logging.getLogger("enrichd")
+
+
+@dataclass
+class ProviderStart:
+    """The sync provider client, and the built-in emulator when it was started for it."""
+
+    client: OpenAISyncProvider
+    url: str | None
+    emulator: Any = None
+
+
+async def start_provider(s: Settings) -> ProviderStart:
+    """The OpenAI client; with no key and no base URL, the built-in emulator first (with
+    a warning that its results are synthetic)."""
+    url = s.openai.base_url
+    api_key = s.openai.api_key.get_secret_value() if s.openai.api_key else None
+    emulator: Any = None
+    if s.openai.use_emulator:
+        # Imported here: the emulator is only loaded when it is used (it is not an arrow
+        # any part of the daemon depends on).
+        from service.emulator import Emulator, EmulatorConfig
+
+        emulator = Emulator(EmulatorConfig(batch_delay_s=s.emulator.batch_delay_s))
+        url = await emulator.start(host=s.emulator.host, port=s.emulator.port)
+        api_key = "emulator"
+        log.warning(
+            "no openai.api_key or openai.base_url configured: using the built-in emulator, "
+            "results are SYNTHETIC",
+            extra={"emulator_url": url},
+        )
+    client = OpenAISyncProvider(
+        base_url=url,
+        api_key=api_key,
+        timeout_s=s.openai.timeout_s,
+        max_concurrency=s.openai.max_concurrency,
+        organization=s.openai.organization,
+        project=s.openai.project,
+    )
+    return ProviderStart(client=client, url=url, emulator=emulator)
+
+
+def alerter(s: Settings, sink: EventSink) -> Alerter:
+    a = s.alerts
+    rules = AlertRules(a.failure_rate, a.retry_budget, a.window_s, a.min_items, a.batch_sla_s, a.cooldown_s)
+    return Alerter(rules, sink, instance=s.instance)
+
+
+async def open_ledger(
+    js: JetStreamContext,
+    s: Settings,
+    subjects: Subjects,
+    *,
+    clock: Clock,
+    on_exceeded: Callable[[str, str, float, float], Awaitable[None]],
+) -> Ledger | None:
+    """The shared spend ledger, when a budget is configured."""
+    if s.budget.daily_usd is None and not s.budget.handlers:
+        return None
+    return await Ledger.open(
+        js,
+        f"{subjects.stream_suffix}_BUDGET",
+        Caps(s.budget.daily_usd, dict(s.budget.handlers)),
+        replicas=s.nats.stream_replicas,
+        clock=clock,
+        on_exceeded=on_exceeded,
+    )
+
+
+async def open_limiter(js: JetStreamContext, s: Settings, subjects: Subjects) -> SharedLimiter | None:
+    """The rate limiter shared by every replica, when limits are configured."""
+    if not s.rate_limits:
+        return None
+    limits = {
+        model: Limits(
+            rpm=cfg.rpm,
+            tpm=cfg.tpm,
+            urgent_reserve=s.rate_limit_urgent_reserve,
+            burst_s=cfg.burst_s,
+            headroom=cfg.headroom,
+        )
+        for model, cfg in s.rate_limits.items()
+    }
+    return await SharedLimiter.open(
+        js, f"{subjects.stream_suffix}_LIMITS", limits, replicas=s.nats.stream_replicas
+    )
+
+
+def pipeline_config(s: Settings, *, max_item_bytes: int, max_message_bytes: int) -> PipelineConfig:
+    return PipelineConfig(
+        registry=s.registry,
+        rules=RoutingRules(
+            sync_priorities=frozenset(s.routing.sync_priorities),
+            max_latency_s=s.batching.max_latency_s,
+        ),
+        retry=RetryPolicy(
+            max_attempts=s.retry.max_attempts,
+            base_s=s.retry.base_s,
+            max_backoff_s=s.retry.max_backoff_s,
+            max_elapsed_s=s.retry.max_elapsed_s,
+        ),
+        prices=s.price_table,
+        batch_discount=s.batch_discount,
+        max_item_bytes=max_item_bytes,
+        max_tokens_param=s.openai.max_tokens_param,
+        max_message_bytes=max_message_bytes,
+    )
+
+
+async def build_batcher(
+    js: JetStreamContext,
+    s: Settings,
+    subjects: Subjects,
+    *,
+    provider: OpenAISyncProvider,
+    results: ResultStore,
+    sink: EventSink,
+    redact: Redactor,
+    metrics: Metrics,
+    alerts: Alerter,
+    tracer: trace.Tracer,
+    ledger: Ledger | None,
+    clock: Clock,
+    max_message_bytes: int,
+) -> Batcher:
+    """The batch path, on the same provider account and stores as the sync route. Its
+    calendar is the daemon's clock; ages and leases stay on the host's clock."""
+    b = s.batching
+    return Batcher(
+        js=js,
+        subjects=subjects,
+        store=await BatchStore.open(js, subjects.stream_suffix, replicas=s.nats.stream_replicas),
+        results=results,
+        sink=sink,
+        redact=redact,
+        provider=OpenAIBatchProvider(provider.client),
+        registry=s.registry,
+        policy=BatchPolicy(
+            max_items=b.max_items,
+            max_bytes=b.max_bytes,
+            max_wait_s=b.max_wait_s,
+            windows=tuple(Window.parse(w) for w in b.windows),
+        ),
+        poll_interval_s=b.poll_interval_s,
+        max_attempts=s.retry.max_attempts,
+        max_enqueued_tokens=b.max_enqueued_tokens,
+        prices=s.price_table,
+        batch_discount=s.batch_discount,
+        instance_id=s.instance,
+        consumer=s.nats.consumer,
+        results_chunk=b.results_chunk,
+        flush_ack_wait_s=b.flush_ack_wait_s,
+        lease_s=b.lease_s,
+        max_tokens_param=s.openai.max_tokens_param,
+        max_message_bytes=max_message_bytes,
+        give_up_after_s=b.give_up_after_s,
+        metrics=metrics,
+        alerts=alerts,
+        tracer=tracer,
+        ledger=ledger,
+        budget_recheck_s=s.budget.recheck_s,
+        calendar=clock,
+    )
