@@ -354,7 +354,7 @@ async def bench_results(env: Env, *, rounds: int = 2) -> list[Check]:
             extra={
                 "items": n,
                 "messages": len(messages),
-                "results_chunk": batcher.results_chunk,
+                "results_chunk": batcher.publisher.results_chunk,
                 "daemon_s": [round(x, 2) for x in daemon_s],
                 "raw_s": [round(x, 2) for x in raw_s],
                 "ratios": [round(x, 3) for x in ratios],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from handlers.base import HandlerSpec, TemplateError, template_fields
+from handlers.base import MAX_PACK, HandlerSpec, TemplateError, template_fields
 from handlers.builtin import builtin_definitions
 
 __all__ = ["HandlerSpec", "TemplateError", "build_registry", "template_fields"]
@@ -21,6 +21,8 @@ HANDLER_KEYS = frozenset(
         "temperature",
         "strict",
         "dimensions",
+        "pack",
+        "flex",
     }
 )
 
@@ -61,6 +63,13 @@ def build_registry(
         if table.get("endpoint") == "/v1/embeddings" and name not in definitions:
             base.pop("output", None)
         base.update(table)
+        pack = base.get("pack", 1)
+        if not isinstance(pack, int) or isinstance(pack, bool) or not 1 <= pack <= MAX_PACK:
+            raise HandlerConfigError(
+                f"handlers.{name}.pack", f"must be a whole number from 1 to {MAX_PACK}, got {pack!r}"
+            )
+        if "flex" in table and not isinstance(table["flex"], bool):
+            raise HandlerConfigError(f"handlers.{name}.flex", "must be true or false")
         try:
             registry[name] = HandlerSpec(name=name, **base)
         except TemplateError as exc:

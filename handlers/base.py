@@ -9,6 +9,7 @@ result for the same item.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import string
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from service.core.errors import BadItemError, InvalidOutputError
 from service.core.items import Item
 
 Endpoint = Literal["/v1/chat/completions", "/v1/embeddings"]
+MAX_PACK = 100
 
 
 class TemplateError(ValueError):
@@ -59,9 +61,15 @@ class HandlerSpec:
     temperature: float | None = None
     strict: bool | None = None  # None: strict exactly when the schema allows it
     dimensions: int | None = None
+    pack: int = 1  # up to this many items share one request (CONTRACT §12)
+    flex: bool | None = None  # None: as routing.flex says; True: must be able to go flex
 
     def __post_init__(self) -> None:
         template_fields(self.prompt)
+        if not isinstance(self.pack, int) or isinstance(self.pack, bool) or not 1 <= self.pack <= MAX_PACK:
+            raise ValueError(f"pack must be a whole number from 1 to {MAX_PACK}, got {self.pack!r}")
+        if self.pack > 1 and self.is_embedding:
+            raise ValueError("pack works for chat handlers only (an embedding is one input per item)")
         if isinstance(self.output, dict):
             try:
                 jsonschema.Draft202012Validator.check_schema(self.output)
@@ -80,6 +88,26 @@ class HandlerSpec:
     def _validator(self) -> jsonschema.Draft202012Validator:
         assert isinstance(self.output, dict)
         return jsonschema.Draft202012Validator(self.output)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """``handler_version`` (CONTRACT §13): the first 12 hex digits of the SHA-256 of
+        the canonical definition, everything that shapes the answer (routing choices such
+        as ``flex`` do not)."""
+        definition = {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "system": self.system,
+            "prompt": self.prompt,
+            "output": self.output,
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "strict": self.strict,
+            "dimensions": self.dimensions,
+            "pack": self.pack,
+        }
+        canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     @property
     def is_embedding(self) -> bool:

@@ -140,6 +140,7 @@ class Batcher:
             results_chunk=results_chunk,
             max_message_bytes=max_message_bytes,
             calendar=calendar,
+            registry=registry,
         )
         self.submitter = Submitter(
             store=store,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from handlers import HandlerSpec
 from service import failpoints
 from service.aio import reraise_if_cancelled
 from service.batch.held import HeldCopies
@@ -63,7 +64,9 @@ class Publisher:
         results_chunk: int = 1000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         calendar: Callable[[], datetime] = lambda: datetime.now(UTC),
+        registry: Mapping[str, HandlerSpec] | None = None,
     ) -> None:
+        self.registry = registry or {}
         self.js = js
         self.subjects = subjects
         self.store = store
@@ -86,6 +89,12 @@ class Publisher:
         self.max_message_bytes = max_message_bytes  # the server's max_payload, less headers
         self.calendar = calendar
 
+    def _version(self, handler: str) -> str | None:
+        """The handler's version now: a stored answer counts only under it (a handler
+        that is gone has none, and its items are not answered from the store)."""
+        spec = self.registry.get(handler)
+        return spec.version if spec is not None else "-"
+
     async def answer_stored(
         self, msgs: list[Any], records: list[dict[str, Any]]
     ) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -95,7 +104,9 @@ class Publisher:
         found: list[StoredResult | None] = []
         for begin in range(0, len(records), 500):
             part = records[begin : begin + 500]
-            found += await asyncio.gather(*(self.results.get(r["handler"], r["item"]["id"]) for r in part))
+            found += await asyncio.gather(
+                *(self.results.get(r["handler"], r["item"]["id"], self._version(r["handler"])) for r in part)
+            )
         if not any(found):
             return msgs, records
         keep_msgs, keep_records, answered, messages = [], [], [], []
@@ -258,6 +269,7 @@ class Publisher:
             result=action.result if isinstance(action, Ok) else None,
             error=action.error if isinstance(action, Fail) else None,
             last_message=action.last_message if isinstance(action, Fail) else None,
+            handler_version=item.get("handler_version"),
         )
         # One ending for both routes (service/core/endings.py): event, ids, header, DLQ
         # entry and log line. Batch error events carry no intake-seq header (their

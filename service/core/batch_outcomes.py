@@ -11,7 +11,7 @@ from typing import Any
 from handlers import HandlerSpec
 from service.core.batch_info import BatchInfo
 from service.core.batchfile import LineFailed, LineOk, LineOutcome
-from service.core.cost import Usage
+from service.core.cost import Usage, usage_from_openai
 from service.core.errors import EnrichError, ErrorInfo, InvalidOutputError
 
 
@@ -37,8 +37,7 @@ Action = Ok | Fail | Retry
 
 
 def _usage(body: dict[str, Any]) -> Usage:
-    usage = body.get("usage") or {}
-    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    return usage_from_openai(body.get("usage"))
 
 
 def failed_batch_actions(info: BatchInfo, count: int) -> list[Action]:

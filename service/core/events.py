@@ -36,6 +36,8 @@ class Outcome:
     cost_usd: float | None = None
     metadata: dict[str, Any] | None = None
     source: str | None = None
+    handler_version: str | None = None
+    packed: int = 1  # how many items shared the provider request (CONTRACT §12)
     # The provider's last message, kept for the DLQ entry (not part of the event).
     last_message: str | None = None
 
@@ -53,9 +55,11 @@ def result_event(outcome: Outcome) -> dict[str, Any]:
         "error": None if outcome.error is None else outcome.error.to_dict(),
         "route": outcome.route,
         "model": outcome.model,
+        "handler_version": outcome.handler_version,
         "batch_id": outcome.batch_id,
         "attempts": outcome.attempts,
         "cached": outcome.cached,
+        "packed": outcome.packed,
         "usage": None if outcome.usage is None else outcome.usage.to_dict(),
         "cost_usd": outcome.cost_usd,
         "metadata": outcome.metadata,
@@ -209,7 +213,10 @@ def result_msg_id(item_id: str, handler: str, *, error_intake_seq: int | None = 
     event. An ``error`` event adds ``:error:<intake seq>``: the same id may be sent again
     (``enrichd dlq replay``, or the producer retrying), and its later ``ok`` event must
     not be dropped by JetStream's duplicate window as a copy of the earlier error.
-    Redeliveries of one intake message still share one id."""
+    Redeliveries of one intake message share one id; an answer to another intake message
+    that JetStream drops as a duplicate (the same id answered afresh under a new handler
+    version, or on two replicas at once) is sent again by the sink as ``:dup:<seq>``.
+    """
     if error_intake_seq is None:
         return f"{item_id}:{handler}"
     return f"{item_id}:{handler}:error:{error_intake_seq}"

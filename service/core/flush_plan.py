@@ -94,6 +94,8 @@ def plan_fetch(
         if "body" not in r:
             try:
                 r["body"] = request_body(r, registry, max_tokens_param)
+                # the answer is that definition's (CONTRACT §13), whatever changes later
+                r["handler_version"] = registry[r["handler"]].version
             except EnrichError as exc:  # the handler changed since the item was buffered
                 plan.unbuildable.append((index, exc))
                 continue

@@ -192,7 +192,7 @@ class Pipeline:
         if not batched:
             # Batched items are looked up in the store when their buffer is flushed, many
             # at once (batch/publisher.py, answer_stored), which keeps intake at one round trip.
-            stored = await self.store.get(item.handler, item.id)
+            stored = await self.store.get(item.handler, item.id, spec.version)
             if stored is not None:
                 return await self._finish.from_store(msg, item, stored)
         if tracing.enabled(self.tracer):
@@ -268,6 +268,7 @@ class Pipeline:
                     error=ErrorInfo("budget_exceeded", str(exc), True),
                     metadata=item.metadata,
                     source=item.source,
+                    handler_version=spec.version,
                 )
                 return await self._finish.finish(outcome, item=item, intake=intake)
             raise DeferError(

@@ -91,13 +91,16 @@ class SyncCall:
                     kind=SpanKind.CLIENT,
                 ):
                     response = await self._call(spec, item, body)
-                spent = Usage(
-                    spent.input_tokens + response.usage.input_tokens,
-                    spent.output_tokens + response.usage.output_tokens,
-                )
+                spent = spent + response.usage
                 result = spec.parse(response.body)
                 return self._outcome(
-                    item, received_at, spec.model, result=result, attempts=calls, usage=spent
+                    item,
+                    received_at,
+                    spec.model,
+                    result=result,
+                    attempts=calls,
+                    usage=spent,
+                    version=spec.version,
                 )
             except InvalidOutputError as exc:
                 last_message = exc.message
@@ -117,6 +120,7 @@ class SyncCall:
                     attempts=calls,
                     usage=spent,
                     last_message=last_message,
+                    version=spec.version,
                 )
             except ProviderError as exc:
                 last_message = exc.message
@@ -141,6 +145,7 @@ class SyncCall:
                         attempts=calls,
                         usage=spent,
                         last_message=last_message,
+                        version=spec.version,
                     )
                 if decision.counts_as_attempt:
                     attempt += 1
@@ -202,6 +207,7 @@ class SyncCall:
         result: Any = None,
         error: ErrorInfo | None = None,
         last_message: str | None = None,
+        version: str | None = None,
     ) -> Outcome:
         price = price_for(model, self._prices)
         return Outcome(
@@ -219,4 +225,5 @@ class SyncCall:
             metadata=item.metadata,
             source=item.source,
             last_message=last_message,
+            handler_version=version,
         )

@@ -14,7 +14,7 @@ import openai
 from openai import AsyncOpenAI
 
 from service.core import fastjson
-from service.core.cost import Usage
+from service.core.cost import Usage, usage_from_openai
 from service.core.errors import ProviderError
 from service.core.provider_errors import classify_status as classify_status
 
@@ -94,10 +94,9 @@ class OpenAISyncProvider:
                 raise classify_exception(exc) from None
         if not isinstance(data, dict):
             raise ProviderError("provider_error", "the provider answered with no JSON object", retryable=True)
-        usage = data.get("usage") or {}
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-        return ProviderResponse(body=data, usage=Usage(prompt, completion), headers=dict(raw.headers))
+        return ProviderResponse(
+            body=data, usage=usage_from_openai(data.get("usage")), headers=dict(raw.headers)
+        )
 
     async def close(self) -> None:
         await self._client.close()

@@ -33,7 +33,10 @@ class ResultStore:
         self._kv = kv
         self._bucket = bucket
 
-    async def get(self, handler: str, item_id: str) -> StoredResult | None:
+    async def get(self, handler: str, item_id: str, version: str | None = None) -> StoredResult | None:
+        """The stored ``ok`` event of (handler, id); with ``version``, only when it was
+        answered by that handler version (CONTRACT §13: a changed prompt, model or schema
+        is enriched afresh, and its answer then replaces the old one)."""
         try:
             entry = await self._kv.get(store_key(handler, item_id))
         except KeyNotFoundError:
@@ -41,6 +44,8 @@ class ResultStore:
         if entry.value is None:
             return None
         data = fastjson.loads(entry.value)
+        if version is not None and data["event"].get("handler_version") != version:
+            return None
         return StoredResult(event=data["event"], intake_seq=data.get("intake_seq"))
 
     def put_message_json(
