@@ -27,7 +27,7 @@ from pydantic_settings import (
 )
 
 from handlers import HandlerConfigError, HandlerSpec, build_registry
-from service.core.cost import Price
+from service.core.cost import Price, supports_flex
 from service.core.redact import url_secrets
 
 DEFAULT_CONFIG = Path("config/enrichd.toml")
@@ -106,6 +106,13 @@ class BatchingSettings(_Section):
 
 class RoutingSettings(_Section):
     sync_priorities: list[Literal["urgent", "high", "normal", "low"]] = ["urgent", "high"]
+    # CONTRACT §11: deadline work the batch path cannot meet goes flex (where the model
+    # has a flex price) instead of sync; items waiting for a batch whose deadline comes
+    # within promote_margin_s are answered on the cheapest route that still meets it.
+    flex: bool = False
+    promote_margin_s: float = Field(900.0, ge=0)
+    # How long a flex call may take before it counts as failed (flex is slower than sync).
+    flex_timeout_s: float = Field(900.0, gt=0)
 
 
 class TelemetrySettings(_Section):
@@ -136,20 +143,31 @@ class RetrySettings(_Section):
 class PriceSettings(_Section):
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)  # unset: as input_per_mtok
+    flex: bool = False  # the model takes service_tier "flex" (billed at batch rates)
 
 
 def _default_prices() -> dict[str, PriceSettings]:
-    # USD per million tokens, standard tier, as published by OpenAI (2025-2026).
-    table = {
-        "gpt-4o-mini": (0.15, 0.60),
-        "gpt-4o": (2.50, 10.00),
-        "gpt-4.1-mini": (0.40, 1.60),
-        "gpt-4.1-nano": (0.10, 0.40),
-        "gpt-4.1": (2.00, 8.00),
-        "text-embedding-3-small": (0.02, 0.0),
-        "text-embedding-3-large": (0.13, 0.0),
+    # USD per million tokens, standard tier, as published by OpenAI (2025-2026): input,
+    # output, cached input, and whether flex processing is offered for the model.
+    table: dict[str, tuple[float, float, float | None, bool]] = {
+        "gpt-4o-mini": (0.15, 0.60, 0.075, False),
+        "gpt-4o": (2.50, 10.00, 1.25, False),
+        "gpt-4.1-mini": (0.40, 1.60, 0.10, False),
+        "gpt-4.1-nano": (0.10, 0.40, 0.025, False),
+        "gpt-4.1": (2.00, 8.00, 0.50, False),
+        "gpt-5": (1.25, 10.00, 0.125, True),
+        "gpt-5-mini": (0.25, 2.00, 0.025, True),
+        "gpt-5-nano": (0.05, 0.40, 0.005, True),
+        "o3": (2.00, 8.00, 0.50, True),
+        "o4-mini": (1.10, 4.40, 0.275, True),
+        "text-embedding-3-small": (0.02, 0.0, None, False),
+        "text-embedding-3-large": (0.13, 0.0, None, False),
     }
-    return {k: PriceSettings(input_per_mtok=i, output_per_mtok=o) for k, (i, o) in table.items()}
+    return {
+        k: PriceSettings(input_per_mtok=i, output_per_mtok=o, cached_input_per_mtok=c, flex=f)
+        for k, (i, o, c, f) in table.items()
+    }
 
 
 class RateLimitSettings(_Section):
@@ -230,6 +248,13 @@ class Settings(BaseSettings):
             )
         except HandlerConfigError as exc:
             raise ValueError(str(exc)) from None
+        prices = self.price_table
+        for name, spec in self._registry.items():
+            if spec.flex and not supports_flex(spec.model, prices):
+                raise ValueError(
+                    f"handlers.{name}.flex: model {spec.model!r} has no flex price "
+                    f"(set prices.{spec.model}.flex = true if the provider offers flex for it)"
+                )
         return self
 
     @property
@@ -251,7 +276,10 @@ class Settings(BaseSettings):
 
     @property
     def price_table(self) -> dict[str, Price]:
-        return {k: Price(v.input_per_mtok, v.output_per_mtok) for k, v in self.prices.items()}
+        return {
+            k: Price(v.input_per_mtok, v.output_per_mtok, v.cached_input_per_mtok, v.flex)
+            for k, v in self.prices.items()
+        }
 
     def secrets(self) -> list[str]:
         """Every secret value, so logs and events can be scrubbed of them."""
