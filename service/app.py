@@ -165,9 +165,7 @@ class Daemon:
             on_buffered=self._wake_batcher,
             budget_recheck_s=s.budget.recheck_s,
         )
-        self.stats = await DailyStats.open(
-            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
-        )
+        self.stats = await wiring.open_stats(js, s, self.subjects, clock=self.clock)
         self.metrics.listeners.append(self.stats.record)
         self.batcher = await wiring.build_batcher(
             js,
