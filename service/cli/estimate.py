@@ -1,7 +1,7 @@
 """``enrichd estimate``: tokens and cost of enriching files, computed locally (tiktoken +
 the price table + the handler's observed output tokens from the daily stats), without
-calling the provider. The arithmetic is ``service.core.estimates``; the formula is in
-docs/operations.md ("Estimates")."""
+calling the provider. The arithmetic is ``service.core.estimates``; the formula is in the
+README ("Handler versions and estimates")."""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from rich.table import Table
 
 from service.cli.admin import AdminError, connect
@@ -53,8 +55,6 @@ def configured(settings: Settings) -> list[dict[str, Any]]:
 
 async def scan_store(js: Any, bucket: str, handler: str, *, limit: int) -> Stored:
     """Count the handler versions of (at most ``limit`` of) a handler's stored answers."""
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
     try:
         sub = await js.pull_subscribe(
             f"$KV.{bucket}.{handler}.>",
@@ -65,12 +65,8 @@ async def scan_store(js: Any, bucket: str, handler: str, *, limit: int) -> Store
                 inactive_threshold=30,
             ),
         )
-    except Exception as exc:  # noqa: BLE001 - no bucket yet: nothing stored
-        from nats.js.errors import NotFoundError
-
-        if isinstance(exc, NotFoundError):
-            return Stored(keys=0)
-        raise
+    except NotFoundError:  # no daemon has stored anything yet
+        return Stored(keys=0)
     try:
         info = await sub.consumer_info()
         stored = Stored(keys=int(info.num_pending))
