@@ -76,7 +76,7 @@ def handler_rows(settings: Settings, tallies: dict[str, Any]) -> list[dict[str, 
                     by_route[route] = by_route.get(route, 0) + int(leaf.get("items", 0))
             _sum_leaves(routes, total)
         items = int(total.get("items", 0))
-        billed, estimated = round(total.get("billed_usd", 0.0), 6), round(total.get("estimated_usd", 0.0), 6)
+        billed, estimated = total.get("billed_usd", 0.0), total.get("estimated_usd", 0.0)
         rows.append(
             {
                 "handler": name,
@@ -90,8 +90,8 @@ def handler_rows(settings: Settings, tallies: dict[str, Any]) -> list[dict[str, 
                     "input_tokens": int(total.get("input_tokens", 0)),
                     "output_tokens": int(total.get("output_tokens", 0)),
                     "estimated_output_tokens": int(total.get("estimated_output_tokens", 0)),
-                    "billed_usd": billed,
-                    "estimated_usd": estimated,
+                    "billed_usd": round(billed, 8),
+                    "estimated_usd": round(estimated, 8),
                     "estimate_over_billed": ratio(estimated, billed),
                 },
             }
@@ -136,8 +136,8 @@ async def collect(settings: Settings) -> dict[str, Any]:
         today, yesterday = await read_days(js, subjects.stream_suffix, wall)
         spent = sum(today["cost_usd"].values())
         rows = handler_rows(settings, today.get("handlers", {}))
-        billed = round(sum(r["today"]["billed_usd"] for r in rows), 6)
-        estimated = round(sum(r["today"]["estimated_usd"] for r in rows), 6)
+        billed = round(sum(r["today"]["billed_usd"] for r in rows), 8)
+        estimated = round(sum(r["today"]["estimated_usd"] for r in rows), 8)
         return {
             "handlers": rows,
             "today": {

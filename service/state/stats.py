@@ -124,7 +124,7 @@ def add_event(
     route = event.get("route") or "sync"
     if event.get("cost_usd"):
         day["cost_usd"][route] = day["cost_usd"].get(route, 0.0) + float(event["cost_usd"])
-    paid = paid_result(event)
+    paid = None if estimate is None else paid_result(event)
     if paid is None or estimate is None:
         return
     versions = day.setdefault("handlers", {}).setdefault(paid.handler, {})
@@ -276,8 +276,12 @@ class DailyStats:
     def record(self, event: dict[str, Any]) -> None:
         now = self._clock()
         day = self._days.setdefault(budget_day(now), empty_day())
-        paid = paid_result(event)
-        estimate = None if paid is None else self._expected(paid)
+        try:
+            paid = paid_result(event)
+            estimate = None if paid is None else self._expected(paid)
+        except Exception:  # noqa: BLE001 - figures for people never stop a result
+            log.debug("estimating a result failed", exc_info=True)
+            paid = estimate = None
         add_event(day, event, now, estimate=estimate)
         if paid is not None and estimate is not None:
             where = (paid.handler, paid.version)

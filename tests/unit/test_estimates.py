@@ -202,3 +202,33 @@ async def test_daily_stats_estimate_each_result_from_what_was_observed_before_it
     await again._load("20261203")
     await again.refresh()
     assert again.observed() == stats.observed()
+
+
+def test_status_rows_sum_today_per_handler_with_the_current_version(tmp_path) -> None:
+    from service.cli.status import handler_rows
+    from service.settings import load_settings
+
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    settings = load_settings(config)
+    day = empty_day()
+    add_event(day, ok(version="old000000000", out=30), NOW, estimate=(60, 0.0002))
+    add_event(day, ok(route="batch", out=10), NOW, estimate=(20, 0.00005))
+    add_event(day, ok(handler="gone", out=10), NOW, estimate=(20, 0.00005))
+    rows = {r["handler"]: r for r in handler_rows(settings, day["handlers"])}
+    tags = rows["tags"]
+    assert tags["handler_version"] == settings.registry["tags"].version and tags["model"] == "gpt-4o-mini"
+    today = tags["today"]
+    assert today["items"] == 2 and today["routes"] == {"sync": 1, "batch": 1}
+    assert today["versions"] == {"old000000000": 1, "aaaaaaaaaaaa": 1}
+    assert today["output_tokens"] == 40 and today["estimated_output_tokens"] == 80
+    billed = ok(out=30)["cost_usd"] + ok(route="batch", out=10)["cost_usd"]
+    assert today["billed_usd"] == pytest.approx(billed, abs=1e-6)
+    assert today["estimate_over_billed"] == pytest.approx(0.00025 / billed, rel=1e-3)
+    assert (
+        rows["summarize"]["today"]["items"] == 0
+        and rows["summarize"]["today"]["estimate_over_billed"] is None
+    )
+    assert (
+        rows["gone"]["model"] is None and rows["gone"]["today"]["items"] == 1
+    )  # known only to today's stats
