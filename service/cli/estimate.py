@@ -91,10 +91,24 @@ def estimate(
     stats_note: str = "not read (--offline)",
     now: datetime | None = None,
 ) -> Estimate:
-    spec = settings.registry.get(handler)
-    if spec is None:
+    if handler not in settings.registry:
         raise ValueError(f"no handler named {handler!r} (configured: {', '.join(sorted(settings.registry))})")
     records = load_items(handler, paths, priority)
+    return estimate_records(settings, handler, records, observed=observed, stats_note=stats_note, now=now)
+
+
+def estimate_records(
+    settings: Settings,
+    handler: str,
+    records: list[dict[str, Any]],
+    *,
+    observed: dict[tuple[str, str], Observed] | None = None,
+    stats_note: str = "not read",
+    now: datetime | None = None,
+) -> Estimate:
+    """The estimate of items given as decoded objects (e.g. for a benchmark that compares
+    it with what was billed)."""
+    spec = settings.registry[handler]
     now = now or datetime.now(UTC)
     table = settings.price_table
     rules = MixRules(
