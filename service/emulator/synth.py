@@ -118,6 +118,13 @@ def _encoding() -> Any:
     return tiktoken.get_encoding(ENCODING_NAME)
 
 
+def encode_tokens(text: str) -> list[int]:
+    """The token ids of ``text`` (same table and rules as ``service.core.tokens.count_tokens``)."""
+    if not text:
+        return []
+    return list(_encoding().encode(text, disallowed_special=()))
+
+
 def truncate_to_tokens(text: str, max_tokens: int) -> str:
     """The longest prefix of ``text`` that fits in ``max_tokens`` tokens."""
     tokens = _encoding().encode(text, disallowed_special=())
