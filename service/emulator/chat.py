@@ -230,11 +230,14 @@ def answer_chat(request: ChatRequest, ctx: AnswerContext) -> Answer:
 
 
 def served_tier(requested: str | None, *, batch: bool = False) -> str:
-    """The ``service_tier`` an answer reports: ``flex`` / ``priority`` when asked for, else
-    ``default`` (``auto`` and ``scale`` run on the standard tier here; batches ignore it)."""
-    if batch or requested not in ("flex", "priority"):
+    """The ``service_tier`` an answer reports: ``flex`` for flex, ``priority`` for
+    ``priority`` or ``fast`` (as OpenAI reports fast mode), else ``default`` (``auto`` and
+    ``scale`` run on the standard tier here; batch lines ignore the field)."""
+    if batch or requested is None:
         return "default"
-    return requested
+    if requested == "flex":
+        return "flex"
+    return "priority" if requested in ("priority", "fast") else "default"
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0) -> dict[str, Any]:

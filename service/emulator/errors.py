@@ -123,7 +123,7 @@ def context_length_exceeded(limit: int, tokens: int) -> EmulatedError:
     return EmulatedError(400, message, param="messages", code="context_length_exceeded")
 
 
-SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast")
 
 
 def flex_not_supported(model: str) -> EmulatedError:
