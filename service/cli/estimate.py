@@ -18,20 +18,20 @@ from service.contract.subjects import Subjects
 from service.core.cost import Usage, cost_usd, price_for, supports_flex
 from service.core.errors import BadItemError
 from service.core.estimates import (
-    MixRules,
     Observed,
     OutputGuess,
     expected_route,
-    flex_allowed,
     mix_shares,
     output_guess,
     packed_input_tokens,
     total_usd,
 )
 from service.core.items import item_from_object
+from service.core.routing import flex_allowed
 from service.core.tokens import TOKENS_PER_MESSAGE, count_tokens, estimate_request_tokens
 from service.settings import Settings
 from service.state.stats import observed_in, read_all_days
+from service.wiring import routing_rules
 
 
 @dataclass(frozen=True)
@@ -110,16 +110,12 @@ def estimate_records(
     it with what was billed)."""
     spec = settings.registry[handler]
     now = now or datetime.now(UTC)
-    table = settings.price_table
-    rules = MixRules(
-        sync_priorities=frozenset(settings.routing.sync_priorities),
-        max_latency_s=settings.batching.max_latency_s,
-        flex=flex_allowed(
-            spec.flex,
-            routing_flex=settings.routing.flex,
-            model_has_flex=supports_flex(spec.model, table),
-            chat=not spec.is_embedding,
-        ),
+    rules = routing_rules(settings)
+    flex = flex_allowed(
+        handler_flex=spec.flex,
+        routing_flex=settings.routing.flex,
+        model_has_flex=supports_flex(spec.model, settings.price_table),
+        chat=not spec.is_embedding,
     )
     routed: list[tuple[str, int]] = []
     bad = 0
@@ -132,7 +128,7 @@ def estimate_records(
             continue
         routed.append(
             (
-                expected_route(item.priority, item.deadline, rules=rules, now=now),
+                expected_route(item, rules=rules, flex=flex, now=now),
                 estimate_request_tokens(body),
             )
         )

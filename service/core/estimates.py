@@ -9,9 +9,10 @@ An estimate of a set of items is
   results (kept in the daily stats, :func:`output_guess`): of the current handler
   version when it has :data:`MIN_OBSERVED` results, else of the handler across versions,
   else ``max_output_tokens`` (an upper bound); never more than ``max_output_tokens``;
-- a route per item (:func:`expected_route`): ``routing.sync_priorities`` go sync; a
-  deadline before the batch path could answer (now + ``batching.max_latency_s``) goes flex
-  where the handler may go flex, else sync; the rest batch;
+- a route per item (:func:`expected_route`, the daemon's own ``core.routing.route``):
+  ``routing.sync_priorities`` go sync; a deadline before the batch path could answer (now +
+  ``batching.max_latency_s``) goes flex where the handler may go flex and the deadline
+  leaves room for a flex call and a sync fallback, else sync; the rest batch;
 - cost per route from the price table (``core.cost``: flex and batch at the batch discount).
 """
 
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
+from service.core import routing
 from service.core.cost import Price, Usage, cost_usd
+from service.core.items import Item
+from service.core.routing import BatchRoute, FlexRoute, RoutingRules
 
 ROUTES = ("sync", "flex", "batch")
 # Fewer ok results than this say too little about a handler's answers to replace the bound.
@@ -114,29 +118,13 @@ def output_guess(
     return OutputGuess(float(max_output_tokens), "max_output_tokens")
 
 
-@dataclass(frozen=True)
-class MixRules:
-    """What decides an item's route in the estimate (``flex``: this handler may go flex:
-    ``routing.flex`` or the handler's ``flex``, on a model with a flex price)."""
-
-    sync_priorities: frozenset[str]
-    max_latency_s: float
-    flex: bool = False
-
-
-def flex_allowed(handler_flex: bool | None, *, routing_flex: bool, model_has_flex: bool, chat: bool) -> bool:
-    """A handler's ``flex = true|false`` wins over ``routing.flex``; flex is a chat tier."""
-    wanted = routing_flex if handler_flex is None else handler_flex
-    return bool(wanted and model_has_flex and chat)
-
-
-def expected_route(priority: str, deadline: datetime | None, *, rules: MixRules, now: datetime) -> str:
-    """The route the daemon would take at intake (CONTRACT §5, §11), promotion aside."""
-    if priority in rules.sync_priorities:
-        return "sync"
-    if deadline is not None and deadline < now + timedelta(seconds=rules.max_latency_s):
-        return "flex" if rules.flex else "sync"
-    return "batch"
+def expected_route(item: Item, *, rules: RoutingRules, flex: bool, now: datetime) -> str:
+    """The route the daemon takes for ``item`` at intake (``core.routing.route``; ``flex``:
+    this handler may go flex, ``core.routing.flex_allowed``), promotion aside."""
+    decision = routing.route(item, endpoint="", model="", rules=rules, now=now, flex=flex)
+    if isinstance(decision, FlexRoute):
+        return "flex"
+    return "batch" if isinstance(decision, BatchRoute) else "sync"
 
 
 def packed_input_tokens(per_item: list[int], *, shared: int, pack: int) -> int:

@@ -13,10 +13,8 @@ import pytest
 from service.core.cost import Price, Usage, cost_usd
 from service.core.estimates import (
     MIN_OBSERVED,
-    MixRules,
     Observed,
     expected_route,
-    flex_allowed,
     mix_shares,
     observed_from_tallies,
     output_guess,
@@ -24,6 +22,8 @@ from service.core.estimates import (
     ratio,
     total_usd,
 )
+from service.core.items import Item
+from service.core.routing import RoutingRules
 from service.state.stats import DailyStats, HandlerFacts, add_event, empty_day, merge, paid_result
 
 NOW = datetime(2026, 12, 3, 10, 30, tzinfo=UTC)
@@ -105,21 +105,21 @@ def test_output_guess_prefers_this_version_then_the_handler_then_the_bound() -> 
     assert "observed 40.0 per item over 10 results" in mine.describe(512)
 
 
-def test_route_mix_follows_priorities_deadlines_and_flex() -> None:
-    rules = MixRules(sync_priorities=frozenset({"urgent", "high"}), max_latency_s=86_400)
-    soon, later = NOW + timedelta(hours=2), NOW + timedelta(days=3)
-    assert expected_route("urgent", None, rules=rules, now=NOW) == "sync"
-    assert expected_route("normal", None, rules=rules, now=NOW) == "batch"
-    assert expected_route("low", later, rules=rules, now=NOW) == "batch"
-    assert expected_route("normal", soon, rules=rules, now=NOW) == "sync"
-    flex = MixRules(frozenset({"urgent"}), 86_400, flex=True)
-    assert expected_route("normal", soon, rules=flex, now=NOW) == "flex"
-    assert expected_route("high", None, rules=flex, now=NOW) == "batch"
-    assert flex_allowed(None, routing_flex=True, model_has_flex=True, chat=True)
-    assert not flex_allowed(None, routing_flex=True, model_has_flex=False, chat=True)
-    assert not flex_allowed(False, routing_flex=True, model_has_flex=True, chat=True)
-    assert flex_allowed(True, routing_flex=False, model_has_flex=True, chat=True)
-    assert not flex_allowed(True, routing_flex=True, model_has_flex=True, chat=False)
+def test_route_mix_follows_the_daemons_routing() -> None:
+    rules = RoutingRules(sync_priorities=frozenset({"urgent", "high"}), max_latency_s=86_400)
+
+    def item(priority: str = "normal", deadline: datetime | None = None) -> Item:
+        return Item(id="i", handler="tags", text="t", priority=priority, deadline=deadline)  # type: ignore[arg-type]
+
+    soon, later, near = NOW + timedelta(hours=2), NOW + timedelta(days=3), NOW + timedelta(minutes=5)
+    assert expected_route(item("urgent"), rules=rules, flex=False, now=NOW) == "sync"
+    assert expected_route(item(), rules=rules, flex=False, now=NOW) == "batch"
+    assert expected_route(item("low", later), rules=rules, flex=False, now=NOW) == "batch"
+    assert expected_route(item("normal", soon), rules=rules, flex=False, now=NOW) == "sync"
+    flex = RoutingRules(frozenset({"urgent"}), 86_400, flex=True)
+    assert expected_route(item("normal", soon), rules=flex, flex=True, now=NOW) == "flex"
+    assert expected_route(item("normal", near), rules=flex, flex=True, now=NOW) == "sync"  # no room for flex
+    assert expected_route(item("high"), rules=flex, flex=True, now=NOW) == "batch"
 
 
 def test_packing_shares_the_system_prompt_once_per_pack() -> None:
