@@ -33,7 +33,9 @@ def _settings(**routing: Any) -> dict[str, Any]:
 
 
 async def _out(js: Any, daemon: Any, prefix: str, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:
-    msgs = await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", count, timeout_s=timeout_s)
+    msgs = await read_stream(
+        js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", count, timeout_s=timeout_s
+    )
     return events(msgs)
 
 
@@ -58,7 +60,9 @@ async def test_deadline_work_goes_flex_the_rest_batch_or_sync(make_daemon, nc, p
     assert stats["requests_by_tier"].get("flex") == 10  # seen on the wire
     # flex is billed at the batch rate: half of what the same usage costs on sync
     flex = next(e for e in out if e["route"] == "flex")
-    assert flex["cost_usd"] is not None and flex["handler_version"] == daemon.settings.registry["tags"].version
+    assert (
+        flex["cost_usd"] is not None and flex["handler_version"] == daemon.settings.registry["tags"].version
+    )
 
 
 async def test_flex_refusals_are_retried_then_sent_sync(make_daemon, nc, prefix, emulator) -> None:

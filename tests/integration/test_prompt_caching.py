@@ -11,7 +11,9 @@ from service.core.cost import Usage, cost_usd
 from tests.conftest import events, publish_items, read_stream
 
 # A long, static system prompt (a style guide with examples), well over 1,024 tokens.
-GUIDE = " ".join(f"Rule {n}: tag the text with short lowercase nouns about its topic {n}." for n in range(120))
+GUIDE = " ".join(
+    f"Rule {n}: tag the text with short lowercase nouns about its topic {n}." for n in range(120)
+)
 
 
 async def test_repeated_static_prefix_is_billed_at_the_cached_rate(make_daemon, nc, prefix, emulator) -> None:
@@ -19,7 +21,9 @@ async def test_repeated_static_prefix_is_billed_at_the_cached_rate(make_daemon, 
     emulator.clear_prompt_cache()
     daemon = await make_daemon(handlers={"tags": {"system": GUIDE}})
     js = nc.jetstream()
-    items = [{"id": f"c{i}", "text": f"item number {i} about invoices", "priority": "urgent"} for i in range(6)]
+    items = [
+        {"id": f"c{i}", "text": f"item number {i} about invoices", "priority": "urgent"} for i in range(6)
+    ]
     await publish_items(js, f"{prefix}.in.tags", items[:1])  # the first warms the cache
     [first] = events(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 1))
     await publish_items(js, f"{prefix}.in.tags", items[1:])
@@ -47,9 +51,15 @@ def test_the_static_part_of_a_request_is_an_identical_prefix(tmp_path) -> None:
     for name, spec in registry.items():
         if spec.is_embedding:
             continue
-        a = spec.build_body(Item(id="a", handler=name, text="first text", fields={"title": "t", "subject": "s"}))
-        b = spec.build_body(Item(id="b", handler=name, text="other words", fields={"title": "u", "subject": "r"}))
+        a = spec.build_body(
+            Item(id="a", handler=name, text="first text", fields={"title": "t", "subject": "s"})
+        )
+        b = spec.build_body(
+            Item(id="b", handler=name, text="other words", fields={"title": "u", "subject": "r"})
+        )
         # everything but the user message is the same, and comes first
-        assert {k: v for k, v in a.items() if k != "messages"} == {k: v for k, v in b.items() if k != "messages"}
+        assert {k: v for k, v in a.items() if k != "messages"} == {
+            k: v for k, v in b.items() if k != "messages"
+        }
         assert a["messages"][:-1] == b["messages"][:-1]
         assert a["messages"][-1]["role"] == "user"
