@@ -31,6 +31,7 @@ from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
 from service.pipeline.counters import Counters
 from service.pipeline.finish import Finish
+from service.pipeline.packer import DEFAULT_LINGER_S, Packer, PackLimits
 from service.pipeline.ports import Alerts, Ledger, Limiter, Provider, Sink, Store
 from service.pipeline.sync_call import SyncCall
 from service.state.budget import BudgetExhaustedError
@@ -51,6 +52,9 @@ class PipelineConfig:
     # The largest message the daemon may write (the server's max_payload, less room for
     # headers): an item whose buffer record would not fit is ``item_too_large`` at intake.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Packing on the sync route (pipeline/packer.py): the limits a pack fits, the linger.
+    pack_limits: PackLimits = PackLimits()
+    pack_linger_s: float = DEFAULT_LINGER_S
 
 
 Clock = Callable[[], datetime]
@@ -103,6 +107,14 @@ class Pipeline:
             limiter=limiter,
             ledger=ledger,
             alerts=alerts,
+        )
+        self._packer = Packer(
+            self._sync_call,
+            prices=config.prices,
+            batch_discount=config.batch_discount,
+            limits=config.pack_limits,
+            linger_s=config.pack_linger_s,
+            max_tokens_param=config.max_tokens_param,
         )
         self._finish = Finish(
             store=store, sink=sink, counters=self.counters, metrics=self._metrics, clock=clock, alerts=alerts
@@ -251,7 +263,11 @@ class Pipeline:
         intake, item = prepared.intake, prepared.item
         assert item is not None
         try:
-            outcome = await self._sync_call.run(spec, item, body, received_at=intake.received_at)
+            # Intake items may share a request with others of their handler (pack > 1);
+            # a request on enrich.sync is answered alone, with no linger.
+            outcome = await self._packer.run(
+                spec, item, body, received_at=intake.received_at, packable=intake.seq is not None
+            )
         except BudgetExhaustedError as exc:
             if not force_sync and item.priority not in ("urgent", "high"):
                 # Deadline work that the sync budget cannot pay for goes the cheaper way.

@@ -64,9 +64,18 @@ class SyncCall:
         self._alerts = alerts
 
     async def run(
-        self, spec: HandlerSpec, item: Item, body: dict[str, Any], *, received_at: datetime
+        self,
+        spec: HandlerSpec,
+        item: Item,
+        body: dict[str, Any],
+        *,
+        received_at: datetime,
+        parse: Callable[[dict[str, Any]], Any] | None = None,
     ) -> Outcome:
-        """Call the provider under the retry policy; one retry for invalid output."""
+        """Call the provider under the retry policy; one retry for invalid output.
+        ``parse`` reads the response instead of ``spec.parse`` (a pack's answer:
+        pipeline/packer.py)."""
+        parse = parse or spec.parse
         policy = self._retry
         attempt, waits, calls = 1, 0, 0
         started = time.monotonic()
@@ -92,7 +101,7 @@ class SyncCall:
                 ):
                     response = await self._call(spec, item, body)
                 spent = spent + response.usage
-                result = spec.parse(response.body)
+                result = parse(response.body)
                 return self._outcome(
                     item,
                     received_at,
@@ -172,7 +181,7 @@ class SyncCall:
         if ledger is None and limiter is None:  # nothing to reserve: skip tiktoken
             return await self._provider.call(spec.endpoint, body)
         prompt = estimate_request_tokens(body)
-        max_out = 0 if spec.is_embedding else spec.max_output_tokens
+        max_out = 0 if spec.is_embedding else _max_output(spec, body)
         planned = prompt + max_out  # providers count the requested max output toward TPM
         price = price_for(spec.model, self._prices)
         ceiling = cost_usd(Usage(prompt, max_out), price, route="sync", batch_discount=0.0) or 0.0
@@ -227,3 +236,13 @@ class SyncCall:
             last_message=last_message,
             handler_version=version,
         )
+
+
+def _max_output(spec: HandlerSpec, body: dict[str, Any]) -> int:
+    """The output tokens a request may use: what its body asks for (a pack asks for its
+    items' together), else the handler's."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return spec.max_output_tokens
