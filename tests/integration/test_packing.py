@@ -83,12 +83,8 @@ async def test_two_items_missing_from_a_packed_answer_are_retried_alone(
 
 async def test_requests_on_enrich_sync_are_answered_alone(make_daemon, nc, prefix, emulator) -> None:
     await make_daemon(handlers=PACK8, packing=LINGER)
-    replies = await asyncio.gather(
-        *(
-            nc.request(f"{prefix}.sync.tags", json.dumps({"id": f"q{i}", "text": f"q {i}"}).encode(), timeout=10)
-            for i in range(3)
-        )
-    )
+    asks = [json.dumps({"id": f"q{i}", "text": f"question {i}"}).encode() for i in range(3)]
+    replies = await asyncio.gather(*(nc.request(f"{prefix}.sync.tags", a, timeout=10) for a in asks))
     answered = [json.loads(r.data) for r in replies]
     assert all(e["status"] == "ok" and e["packed"] == 1 for e in answered)
     assert emulator.stats["packed_requests"] == 0
