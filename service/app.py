@@ -151,8 +151,14 @@ class Daemon:
         ledger = await wiring.open_ledger(
             js, s, self.subjects, clock=self.clock, on_exceeded=self._budget_exceeded
         )
+        marks = await wiring.open_marks(js, s, self.subjects)
         self.pipeline = Pipeline(
-            wiring.pipeline_config(s, max_item_bytes=max_item, max_message_bytes=max_message),
+            wiring.pipeline_config(
+                s,
+                max_item_bytes=max_item,
+                max_message_bytes=max_message,
+                intake_prefix=self.subjects.intake_prefix,
+            ),
             provider=self._provider,
             store=results,
             sink=sink,
@@ -164,6 +170,7 @@ class Daemon:
             tracer=self.tracer,
             on_buffered=self._wake_batcher,
             budget_recheck_s=s.budget.recheck_s,
+            marks=marks,
         )
         self.stats = await DailyStats.open(
             js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
@@ -183,8 +190,11 @@ class Daemon:
             ledger=ledger,
             clock=self.clock,
             max_message_bytes=max_message,
+            promotions=self.pipeline.promoter,
         )
-        self._register_gauges()
+        telemetry.register_state_gauges(
+            self.metrics, self.batcher, lambda: self._source.inflight if self._source else 0
+        )
         self._source = NatsIntake(
             self.subjects,
             self.pipeline,
@@ -216,8 +226,10 @@ class Daemon:
         if self.notifier.watchdog_interval_s is not None:  # run by systemd with WatchdogSec
             self._spawn(self.notifier.watchdog(self.is_ready), "watchdog")
         self._spawn(self.stats.loop(), "stats")
+        if self.pipeline.promoter is not None:
+            self._spawn(self.pipeline.promoter.loop(), "promote")
         if self._embedded is not None:
-            self._spawn(self._watch_embedded(), "embedded-nats")
+            self._spawn(self._embedded.watch(self._fail), "embedded-nats")
         self.ready.set()
         self.notifier.ready(f"consuming {self.subjects.intake_filter}")
         log.info(
@@ -236,12 +248,6 @@ class Daemon:
         """The pipeline buffered items: the flush loop looks at its buffers now."""
         if self.batcher is not None:
             self.batcher.wake()
-
-    def _register_gauges(self) -> None:
-        assert self.batcher is not None
-        telemetry.register_state_gauges(
-            self.metrics, self.batcher, lambda: self._source.inflight if self._source else 0
-        )
 
     async def _budget_exceeded(self, day: str, scope: str, cap_usd: float, spent_usd: float) -> None:
         """Published once per budget day and scope, by whichever replica hits it first."""
@@ -301,15 +307,6 @@ class Daemon:
             log.error(f"stopping: {reason}")
         self._stop.set()
 
-    async def _watch_embedded(self) -> None:
-        embedded = self._embedded
-        while embedded is not None and not self._stop.is_set():
-            code = embedded.returncode()
-            if code is not None:
-                self._fail(f"the embedded nats-server exited ({code})")
-                return
-            await asyncio.sleep(1)
-
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT, stop. A signal during start-up (say while NATS
         cannot be reached) stops at once. Raises :class:`DaemonFailedError` when it stopped
@@ -350,6 +347,17 @@ class Daemon:
         if self._tracer_provider is not None:
             await stage("traces exported", asyncio.to_thread(self._tracer_provider.shutdown), 10)
 
+    async def _close_state(self) -> None:
+        """Shutdown stages after the loops stopped: what is held in memory is written."""
+        if self.pipeline is not None and self.pipeline.promoter is not None:
+            await stage("promotions stopped", self.pipeline.promoter.close(), 5)
+        if self.batcher is not None:
+            await stage("buffer subscriptions closed", self.batcher.close(), 5)
+        if self.stats is not None:
+            await stage("today's tallies saved", self.stats.save(), 5)
+        if self.alerts is not None:
+            await stage("alerts sent", self.alerts.drain(), 5)
+
     async def stop(self) -> None:
         """Shut down in stages, each logged and bounded: stop intake, let in-flight items
         finish within ``shutdown.grace_s`` (the rest stay unacked and are redelivered),
@@ -376,12 +384,7 @@ class Daemon:
             task.cancel()
         await stage("background loops stopped", asyncio.gather(*self._tasks, return_exceptions=True), 5)
         self._tasks = []
-        if self.batcher is not None:
-            await stage("buffer subscriptions closed", self.batcher.close(), 5)
-        if self.stats is not None:
-            await stage("today's tallies saved", self.stats.save(), 5)
-        if self.alerts is not None:
-            await stage("alerts sent", self.alerts.drain(), 5)
+        await self._close_state()
         if self._conn is not None:
             self._conn.stopping = True
         if self._broker is not None:

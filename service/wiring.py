@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 
 from service.batch.batcher import Batcher
+from service.batch.ports import Promotions
 from service.contract.subjects import Subjects
 from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
@@ -33,6 +34,7 @@ from service.sinks.events import EventSink
 from service.state.batches import BatchStore
 from service.state.budget import Ledger
 from service.state.limits import SharedLimiter
+from service.state.promoted import PromotedMarks
 from service.state.results import ResultStore
 
 log = logging.getLogger("enrichd")
@@ -123,13 +125,28 @@ async def open_limiter(js: JetStreamContext, s: Settings, subjects: Subjects) ->
     )
 
 
-def pipeline_config(s: Settings, *, max_item_bytes: int, max_message_bytes: int) -> PipelineConfig:
+async def open_marks(js: JetStreamContext, s: Settings, subjects: Subjects) -> PromotedMarks:
+    """Marks of promoted items, kept past any batch such an item could still be in."""
+    ttl_s = s.batching.max_latency_s + 2 * 86_400
+    return await PromotedMarks.open(js, subjects.stream_suffix, replicas=s.nats.stream_replicas, ttl_s=ttl_s)
+
+
+def routing_rules(s: Settings) -> RoutingRules:
+    return RoutingRules(
+        sync_priorities=frozenset(s.routing.sync_priorities),
+        max_latency_s=s.batching.max_latency_s,
+        flex=s.routing.flex,
+        flex_timeout_s=s.routing.flex_timeout_s,
+        promote_margin_s=s.routing.promote_margin_s,
+    )
+
+
+def pipeline_config(
+    s: Settings, *, max_item_bytes: int, max_message_bytes: int, intake_prefix: str
+) -> PipelineConfig:
     return PipelineConfig(
         registry=s.registry,
-        rules=RoutingRules(
-            sync_priorities=frozenset(s.routing.sync_priorities),
-            max_latency_s=s.batching.max_latency_s,
-        ),
+        rules=routing_rules(s),
         retry=RetryPolicy(
             max_attempts=s.retry.max_attempts,
             base_s=s.retry.base_s,
@@ -143,6 +160,7 @@ def pipeline_config(s: Settings, *, max_item_bytes: int, max_message_bytes: int)
         max_message_bytes=max_message_bytes,
         pack_limits=pack_limits(s),
         pack_linger_s=s.packing.linger_s,
+        intake_prefix=intake_prefix,
     )
 
 
@@ -165,6 +183,7 @@ async def build_batcher(
     ledger: Ledger | None,
     clock: Clock,
     max_message_bytes: int,
+    promotions: Promotions | None,
 ) -> Batcher:
     """The batch path, on the same provider account and stores as the sync route. Its
     calendar is the daemon's clock; ages and leases stay on the host's clock."""
@@ -204,4 +223,5 @@ async def build_batcher(
         ledger=ledger,
         budget_recheck_s=s.budget.recheck_s,
         calendar=clock,
+        promotions=promotions,
     )

@@ -38,6 +38,7 @@ from service.batch.flusher import Flusher
 from service.batch.held import HeldCopies
 from service.batch.lease import Leases, may_advance
 from service.batch.lifecycle import Lifecycle
+from service.batch.ports import Promotions
 from service.batch.publisher import Publisher
 from service.batch.spend import Spend
 from service.batch.submit import Submitter
@@ -96,6 +97,7 @@ class Batcher:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         calendar: Callable[[], datetime] | None = None,
+        promotions: Promotions | None = None,
     ) -> None:
         if calendar is None:
             calendar = lambda: datetime.fromtimestamp(clock(), UTC)  # noqa: E731
@@ -143,6 +145,7 @@ class Batcher:
             max_message_bytes=max_message_bytes,
             calendar=calendar,
             registry=registry,
+            promotions=promotions,
         )
         self.submitter = Submitter(
             store=store,
@@ -168,6 +171,7 @@ class Batcher:
             max_attempts=max_attempts,
             give_up_after_s=give_up_after_s,
             clock=clock,
+            promotions=promotions,
         )
         self.flusher = Flusher(
             buffers=self.buffers,
@@ -190,6 +194,7 @@ class Batcher:
             clock=clock,
             monotonic=monotonic,
             calendar=calendar,
+            promotions=promotions,
         )
 
     @property

@@ -17,6 +17,7 @@ from handlers import HandlerSpec
 from service import failpoints
 from service.aio import reraise_if_cancelled
 from service.batch.held import HeldCopies
+from service.batch.ports import Promotions
 from service.batch.publisher import Message, Publisher
 from service.batch.spend import Spend
 from service.contract.subjects import Subjects
@@ -38,6 +39,11 @@ from service.sinks.events import dumps
 from service.state.batches import BatchRecord, BatchStore, seq_ranges
 from service.state.budget import BudgetExhaustedError
 from service.state.buffers import Buffers
+from service.state.promoted import promotion_key
+
+# A buffered item being promoted comes back to the flush after this many seconds (by then
+# it is marked, and taken out of its buffer).
+PROMOTION_RECHECK_S = 5.0
 
 log = logging.getLogger("enrichd.batch")
 
@@ -66,7 +72,9 @@ class Flusher:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         calendar: Callable[[], datetime] = lambda: datetime.now(UTC),
+        promotions: Promotions | None = None,
     ) -> None:
+        self.promotions = promotions
         self.buffers = buffers
         self.store = store
         self.subjects = subjects
@@ -220,6 +228,7 @@ class Flusher:
             status_changed_at=now,
             budget_day=day,
             reserved_usd=reserved,
+            promote_at=self.promotions.promote_at(kept) if self.promotions is not None else None,
         )
         # Packs are made from what goes into this flush (after the cuts, so none is split).
         lines, requests = pack_lines(
@@ -250,6 +259,8 @@ class Flusher:
         copies of items in flight held back, unbuildable items ended; the rest, in fetch
         order, with their flush lines, request sizes and prompt tokens by custom id."""
         decoded = [fastjson.loads(m.data) for m in msgs]
+        if self.promotions is not None:
+            msgs, decoded = await self._leave_promoted(msgs, decoded, self.promotions)
         plan = plan_fetch(
             decoded, self.held.inflight, registry=self.registry, max_tokens_param=self.max_tokens_param
         )
@@ -266,6 +277,30 @@ class Flusher:
             records,
             {r["cid"]: e for r, e in zip(records, plan.send, strict=True)},
         )
+
+    async def _leave_promoted(
+        self, msgs: list[Any], decoded: list[dict[str, Any]], promotions: Promotions
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Items with a deadline (CONTRACT §11): one answered by promotion is taken out of
+        its buffer (acked, not sent); one being promoted here, or due for it now (after a
+        restart nothing else remembers it), is left in the buffer for a while and
+        promoted. The rest go on to the flush."""
+        if not any(r["item"].get("deadline") for r in decoded):
+            return msgs, decoded
+        taken = await promotions.taken()
+        keep_msgs, keep = [], []
+        for m, r in zip(msgs, decoded, strict=True):
+            if r["item"].get("deadline"):
+                if promotion_key(r["handler"], r["item"]["id"], r.get("intake_seq")) in taken:
+                    await m.ack()
+                    continue
+                if promotions.busy(r) or promotions.due(r):
+                    promotions.wanted(r)
+                    await m.nak(delay=PROMOTION_RECHECK_S)
+                    continue
+            keep_msgs.append(m)
+            keep.append(r)
+        return keep_msgs, keep
 
     async def _end_unbuildable(self, failed: list[tuple[Any, dict[str, Any], EnrichError]]) -> None:
         """Buffered items whose request cannot be built any more (their handler was removed,

@@ -16,6 +16,7 @@ from handlers import HandlerSpec
 from service import failpoints
 from service.aio import reraise_if_cancelled
 from service.batch.lease import Leases
+from service.batch.ports import Promotions
 from service.batch.publisher import Publisher
 from service.batch.records import clear_fault, event_body
 from service.batch.submit import Submitter
@@ -63,6 +64,7 @@ class Lifecycle:
         max_attempts: int,
         give_up_after_s: float,
         clock: Callable[[], float] = time.time,
+        promotions: Promotions | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -78,6 +80,7 @@ class Lifecycle:
         self.max_attempts = max_attempts
         self.give_up_after_s = give_up_after_s
         self.clock = clock
+        self.promotions = promotions
         self.rng = rng or random.Random()
         self._advancing: set[str] = set()  # flush ids this replica is submitting or following
 
@@ -116,6 +119,13 @@ class Lifecycle:
 
     async def _follow(self, record: BatchRecord) -> None:
         assert record.batch_id is not None
+        if (
+            self.promotions is not None
+            and record.promote_at is not None
+            and record.promote_at <= self.clock()
+        ):
+            record = await self._promote_due(record, self.promotions)
+        assert record.batch_id is not None
         info = await self.provider.retrieve(record.batch_id)
         failpoints.hit("while_polling")
         recovered = record.fault_step == "follow"
@@ -129,6 +139,20 @@ class Lifecycle:
             record = await self.leases.save(record)
         if info.terminal:
             await self._finish(record, info)
+
+    async def _promote_due(self, record: BatchRecord, promotions: Promotions) -> BatchRecord:
+        """Items of this batch whose deadline is near are answered on another route now
+        (CONTRACT §11); the batch's answers for them will not be published."""
+        items = await self.store.items(record.flush_id, bodies=False)
+        waiting = [it for it in items if it["item"].get("deadline")]
+        due = [it for it in waiting if promotions.due(it)]
+        for it in due:
+            promotions.wanted(it)
+        record.promote_at = promotions.promote_at(it for it in waiting if not promotions.due(it))
+        log.info(
+            "promoting items of a batch in flight", extra={"flush_id": record.flush_id, "items": len(due)}
+        )
+        return await self.leases.save(record)
 
     async def _finish(self, record: BatchRecord, info: BatchInfo) -> None:
         # Request bodies are most of a flush's memory and only a retry sends one again:

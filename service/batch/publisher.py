@@ -20,6 +20,7 @@ from service import failpoints
 from service.aio import reraise_if_cancelled
 from service.batch.held import HeldCopies
 from service.batch.lease import Leases
+from service.batch.ports import Promotions
 from service.batch.records import event_body, record_token
 from service.batch.spend import Spend
 from service.contract.subjects import Subjects
@@ -35,6 +36,7 @@ from service.observability.telemetry import Metrics
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.sinks.events import INTAKE_SEQ_HEADER, EventSink, Redactor, dumps, keep_second_answer
 from service.state.batches import BatchRecord, BatchStore
+from service.state.promoted import promotion_key
 from service.state.results import ResultStore, StoredResult
 
 log = logging.getLogger("enrichd.batch")
@@ -66,8 +68,10 @@ class Publisher:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         calendar: Callable[[], datetime] = lambda: datetime.now(UTC),
         registry: Mapping[str, HandlerSpec] | None = None,
+        promotions: Promotions | None = None,
     ) -> None:
         self.registry = registry or {}
+        self.promotions = promotions
         self.js = js
         self.subjects = subjects
         self.store = store
@@ -154,6 +158,10 @@ class Publisher:
                 "ok" if isinstance(action, Ok) else "error" if isinstance(action, Fail) else "retried"
             ] += 1
         start = record.published_upto
+        # Items answered by promotion meanwhile (CONTRACT §11) keep that answer only.
+        taken: set[str] = set()
+        if self.promotions is not None and any(it["item"].get("deadline") for it in items[start:]):
+            taken = await self.promotions.taken()
         # Chunk N+1 is built and sent while chunk N's acks come back; the checkpoint moves
         # past a chunk only once all its acks are in. A restart resends from the last
         # checkpoint, and every message it resends carries the same Nats-Msg-Id.
@@ -163,7 +171,11 @@ class Publisher:
             pending: list[Message] = []
             observed: list[tuple[dict[str, Any], float | None]] = []
             for index in chunk:
-                pending.extend(self.messages(record, items[index], actions[index], observed))
+                it = items[index]
+                if taken and promotion_key(it["handler"], it["item"]["id"], it.get("intake_seq")) in taken:
+                    self.tally["promoted"] += 1
+                    continue
+                pending.extend(self.messages(record, it, actions[index], observed))
             self.metrics.outcomes(observed)
             futures = await self.send_nowait(pending)
             failpoints.hit("mid_publish")  # published, not yet checkpointed

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,15 @@ class EmbeddedNats:
     def returncode(self) -> int | None:
         """None while the server runs (or was never started); its exit code once it died."""
         return self._proc.poll() if self._proc is not None else None
+
+    async def watch(self, fail: Callable[[str], None], interval_s: float = 1.0) -> None:
+        """Call ``fail`` (and return) once the server process has exited."""
+        while True:
+            code = self.returncode()
+            if code is not None:
+                fail(f"the embedded nats-server exited ({code})")
+                return
+            await asyncio.sleep(interval_s)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None

@@ -78,6 +78,14 @@ class Usage(BaseModel):
 
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Of input_tokens, those the provider read from its prompt cache (priced at the "
+            "model's cached-input rate); present only when not 0."
+        ),
+    )
 
 
 class ResultEvent(BaseModel):
@@ -98,9 +106,11 @@ class ResultEvent(BaseModel):
                     "error": None,
                     "route": "batch",
                     "model": "gpt-4o-mini",
+                    "handler_version": "3f2a9c1b7d04",
                     "batch_id": "batch_abc123",
                     "attempts": 1,
                     "cached": False,
+                    "packed": 1,
                     "usage": {"input_tokens": 412, "output_tokens": 57},
                     "cost_usd": 0.0000481,
                     "metadata": {"mailbox": "ops"},
@@ -123,12 +133,25 @@ class ResultEvent(BaseModel):
     )
     error: ErrorInfo | None = Field(description="Null when status is ok.")
     route: str = Field(
-        description="sync or batch; consumers must tolerate new values.", examples=["sync", "batch"]
+        description=(
+            "sync, flex (OpenAI's flex tier, batch prices) or batch; consumers must tolerate new values."
+        ),
+        examples=["sync", "flex", "batch"],
     )
     model: str | None
+    handler_version: str | None = Field(
+        description=(
+            "First 12 hex digits of the SHA-256 of the handler's definition (model, system, "
+            "prompt, output schema, generation parameters, pack): a cached answer is only "
+            "given for the same id and version. Null when the handler is unknown."
+        )
+    )
     batch_id: str | None = Field(description="The provider batch, on the batch route.")
     attempts: int = Field(ge=0, description="Provider attempts made for this item.")
     cached: bool = Field(description="True when answered from the result store without a provider call.")
+    packed: int = Field(
+        ge=1, description="How many items shared the provider request (CONTRACT §12); 1 when not packed."
+    )
     usage: Usage | None
     cost_usd: float | None = Field(ge=0)
     metadata: dict[str, Any] | None = Field(description="The item's metadata, echoed.")

@@ -43,6 +43,7 @@ class BufferWrite:
     subject_token: str
     payload: bytes
     msg_id: str
+    deadline: datetime | None = None  # the item's: it may be promoted (CONTRACT §11)
 
 
 class DeferError(Exception):

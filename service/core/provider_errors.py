@@ -45,6 +45,15 @@ def classify_status(status: int, code: str | None, message: str, headers: Any) -
     if status == 429 and code == "insufficient_quota":
         # Out of credit: waiting does not help, an operator must act.
         return ProviderError("permission_denied", message, retryable=False, status=status)
+    if status == 429 and code == "resource_unavailable":
+        # Flex processing has no capacity now (CONTRACT §11): try flex later, or sync.
+        return ProviderError(
+            "resource_unavailable",
+            message,
+            retryable=True,
+            status=status,
+            retry_after_s=retry_after_s(headers),
+        )
     if status >= 500:
         return ProviderError(
             "provider_error", message, retryable=True, status=status, retry_after_s=retry_after_s(headers)

@@ -70,3 +70,26 @@ def decide(
     if until_deadline_s is not None and delay > until_deadline_s:
         return Decision(retry=False)
     return Decision(retry=True, delay_s=delay, counts_as_attempt=counts)
+
+
+def flex_retry_delay(
+    policy: RetryPolicy,
+    error: EnrichError,
+    *,
+    attempt: int,
+    left_s: float | None,
+    lead_s: float,
+    rng: random.Random,
+) -> float | None:
+    """After a failed flex call (CONTRACT §11): the wait before trying flex again, or None
+    to go sync now. Flex is tried again only for a transient failure (a refusal with
+    ``resource_unavailable`` is one), within ``max_attempts``, and only while the deadline
+    still leaves ``lead_s`` after the wait (a whole flex call and a sync fallback)."""
+    if not error.retryable or attempt >= policy.max_attempts:
+        return None
+    hint = error.retry_after_s if isinstance(error, ProviderError) else None
+    backoff = policy.backoff_s(attempt, rng)
+    delay = max(hint, backoff) if hint is not None else backoff
+    if left_s is not None and left_s - delay < lead_s:
+        return None
+    return delay

@@ -34,6 +34,11 @@ class LineResult:
     line: bytes
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    model: str | None = None
+    cached_tokens: int = 0
+    is_pack: bool = False
+    packed_items: int = 0
+    pack_dropped: int = 0
 
 
 def encode_line(value: dict[str, Any]) -> bytes:
@@ -108,19 +113,30 @@ def run_line(
         fault = decide_line_fault(parse_markers(_marker_text(request)), line_error_rate, draw)
         if fault.error_code is not None:
             line = failure_line(custom_id, fault.error_code, _injected(fault.error_code))
-            return LineResult(custom_id, False, line)
+            return LineResult(custom_id, False, line, model=request.model)
         if fault.status is not None:
             raise errors.error_for_status(fault.status, model=request.model, org=ctx.organization)
         answer = _answer(request, ctx)
     except EmulatedError as error:
-        return LineResult(custom_id, False, http_error_line(custom_id, error))
+        return LineResult(custom_id, False, http_error_line(custom_id, error), model=_model_of(obj))
     return LineResult(
         custom_id,
         True,
         success_line(custom_id, answer.body),
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens,
+        model=request.model,
+        cached_tokens=answer.cached_tokens,
+        is_pack=isinstance(request, ChatRequest) and request.pack is not None,
+        packed_items=answer.packed_items,
+        pack_dropped=answer.pack_dropped,
     )
+
+
+def _model_of(obj: Any) -> str | None:
+    body = obj.get("body") if isinstance(obj, dict) else None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _injected(code: str) -> str:

@@ -14,7 +14,14 @@ import math
 from dataclasses import dataclass, field
 
 from .batch_input import InputSummary, batch_error, validate_batch_input
-from .batch_output import CANCELLED_MESSAGE, EXPIRED_MESSAGE, custom_id_of, failure_line, run_lines
+from .batch_output import (
+    CANCELLED_MESSAGE,
+    EXPIRED_MESSAGE,
+    LineResult,
+    custom_id_of,
+    failure_line,
+    run_lines,
+)
 from .batches import BatchRecord, request_cancel, transition
 from .faults import BatchFaultPlan
 from .state import EmulatorState
@@ -182,14 +189,12 @@ class BatchRunner:
                 lines,
                 draws,
                 batch.endpoint,
-                state.answer_context(),
+                state.answer_context(batch=True),
                 unknown_models=state.unknown_models,
                 line_error_rate=plan.line_error_rate,
             )
             for result in chunk_results:
-                self._record(
-                    batch, result.ok, result.custom_id, result.prompt_tokens, result.completion_tokens
-                )
+                self._record(batch, result)
                 (results.outputs if result.ok else results.failures).append(result.line)
             position += len(part)
             await self._pause(batch, step_pause_s)
@@ -206,17 +211,23 @@ class BatchRunner:
             batch.failed += 1
         return results, outcome
 
-    def _record(
-        self, batch: BatchRecord, ok: bool, custom_id: str, prompt_tokens: int, completion_tokens: int
-    ) -> None:
+    def _record(self, batch: BatchRecord, result: LineResult) -> None:
         stats = self._state.stats
-        if ok:
+        if result.model is not None:
+            stats.batch_lines_by_model[result.model] += 1
+        if result.ok:
             batch.completed += 1
-            batch.input_tokens += prompt_tokens
-            batch.output_tokens += completion_tokens
-            stats.custom_ids_succeeded[custom_id] += 1
-            stats.tokens_in += prompt_tokens
-            stats.tokens_out += completion_tokens
+            batch.input_tokens += result.prompt_tokens
+            batch.output_tokens += result.completion_tokens
+            stats.custom_ids_succeeded[result.custom_id] += 1
+            stats.tokens_in += result.prompt_tokens
+            stats.tokens_out += result.completion_tokens
+            stats.record_chat_answer(
+                cached_tokens=result.cached_tokens,
+                packed_items=result.packed_items,
+                pack_dropped=result.pack_dropped,
+                is_pack=result.is_pack,
+            )
         else:
             batch.failed += 1
 

@@ -14,9 +14,17 @@ from typing import Any
 from service.core.tokens import count_chat_tokens, count_tokens
 
 from . import errors, ids
-from .chat_params import check_messages, check_response_format, check_temperature, message_text, optional_int
+from .chat_params import (
+    check_messages,
+    check_response_format,
+    check_service_tier,
+    check_temperature,
+    message_text,
+    optional_int,
+)
 from .errors import EmulatedError
 from .faults import Markers, parse_markers, strip_markers
+from .pack import PackAnswer, PackSpec, detect_pack, pack_answer
 from .schema_synth import SchemaSynthesizer
 from .synth import (
     digest,
@@ -44,6 +52,13 @@ class AnswerContext:
     # ``flaky(text, n)``: True while fewer than ``n`` earlier requests carried ``text``
     # (the ``[[emulator:flaky=N]]`` marker); counts live in the emulator's state.
     flaky: Callable[[str, int], bool] | None = None
+    # ``prompt_cache(model, format_key, messages, prompt_tokens)``: cached tokens for this
+    # prompt (and remember it); None = no prompt caching.
+    prompt_cache: Callable[[str, str, list[dict[str, Any]], int], int] | None = None
+    # ``pack_drop()``: how many answers the next packed answer omits (consumes one-shots).
+    pack_drop: Callable[[], int] | None = None
+    batch: bool = False
+    """True for batch lines: the Batch API ignores ``service_tier``."""
 
     def fails_flaky(self, text: str, flaky: int | None) -> bool:
         return flaky is not None and self.flaky is not None and self.flaky(text, flaky)
@@ -62,6 +77,16 @@ class ChatRequest:
     user_text: str
     prompt_tokens: int
     key: bytes
+    service_tier: str | None = None
+    """As requested (validated); None when absent."""
+    format_key: str = ""
+    """Canonical JSON of ``response_format``: part of the prompt-cache key."""
+    pack: PackSpec | None = None
+    seed: int = 0
+
+    @property
+    def flex(self) -> bool:
+        return self.service_tier == "flex"
 
     @property
     def rate_limit_tokens(self) -> int:
@@ -76,6 +101,12 @@ class Answer:
     body: dict[str, Any]
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    service_tier: str = "default"
+    packed_items: int = 0
+    """Answers given in a packed answer (0 when not a pack)."""
+    pack_dropped: int = 0
+    """Items of a pack left without an answer (``pack_drop`` and ``pack_omit``)."""
 
 
 def parse_chat_request(body: Any, *, seed: int, max_output_tokens: int) -> ChatRequest:
@@ -106,6 +137,7 @@ def parse_chat_request(body: Any, *, seed: int, max_output_tokens: int) -> ChatR
             code="invalid_value",
         )
     check_temperature(body)
+    service_tier = check_service_tier(body)
     n = optional_int(body, "n", 1, 128) or 1
     format_type, schema = check_response_format(body.get("response_format"))
     if format_type == "json_object" and not any("json" in message_text(m).lower() for m in messages):
@@ -117,7 +149,14 @@ def parse_chat_request(body: Any, *, seed: int, max_output_tokens: int) -> ChatR
         )
     user_texts = [message_text(m) for m in messages if m.get("role") == "user"]
     user_text = user_texts[-1] if user_texts else "\n\n".join(message_text(m) for m in messages)
-    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, default=str)
+    # The tier changes how a request is served, not what it answers.
+    content_body = {k: v for k, v in body.items() if k != "service_tier"}
+    canonical = json.dumps(content_body, sort_keys=True, ensure_ascii=False, default=str)
+    response_format = body.get("response_format")
+    format_key = (
+        "" if response_format is None else json.dumps(response_format, sort_keys=True, ensure_ascii=False)
+    )
+    pack = detect_pack(schema, user_text) if format_type == "json_schema" else None
     return ChatRequest(
         model=body["model"],
         messages=messages,
@@ -128,6 +167,10 @@ def parse_chat_request(body: Any, *, seed: int, max_output_tokens: int) -> ChatR
         user_text=user_text,
         prompt_tokens=count_chat_tokens(messages),
         key=digest(str(seed), canonical),
+        service_tier=service_tier,
+        format_key=format_key,
+        pack=pack,
+        seed=seed,
     )
 
 
@@ -151,31 +194,58 @@ def answer_chat(request: ChatRequest, ctx: AnswerContext) -> Answer:
             param="messages",
             code="context_length_exceeded",
         )
+    packed: PackAnswer | None = None
+    if request.pack is not None and not markers.refusal and not markers.invalid_json:
+        drop = ctx.pack_drop() if ctx.pack_drop is not None else 0
+        packed = pack_answer(request.pack, seed=request.seed, drop=drop)
+    cached = 0
+    if ctx.prompt_cache is not None:
+        cached = ctx.prompt_cache(request.model, request.format_key, request.messages, request.prompt_tokens)
     choices = []
     completion_tokens = 0
     for index in range(request.n):
-        choice, tokens = _choice(request, markers, index)
+        choice, tokens = _choice(request, markers, index, packed)
         choices.append(choice)
         completion_tokens += tokens
+    tier = served_tier(request.service_tier, batch=ctx.batch)
     body = {
         "id": ids.chat_completion_id(),
         "object": "chat.completion",
         "created": ctx.now,
         "model": request.model,
         "choices": choices,
-        "usage": usage_body(request.prompt_tokens, completion_tokens),
-        "service_tier": "default",
+        "usage": usage_body(request.prompt_tokens, completion_tokens, cached_tokens=cached),
+        "service_tier": tier,
         "system_fingerprint": ctx.fingerprint,
     }
-    return Answer(body=body, prompt_tokens=request.prompt_tokens, completion_tokens=completion_tokens)
+    return Answer(
+        body=body,
+        prompt_tokens=request.prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached_tokens=cached,
+        service_tier=tier,
+        packed_items=packed.answered if packed is not None else 0,
+        pack_dropped=packed.dropped if packed is not None else 0,
+    )
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def served_tier(requested: str | None, *, batch: bool = False) -> str:
+    """The ``service_tier`` an answer reports: ``flex`` for flex, ``priority`` for
+    ``priority`` or ``fast`` (as OpenAI reports fast mode), else ``default`` (``auto`` and
+    ``scale`` run on the standard tier here; batch lines ignore the field)."""
+    if batch or requested is None:
+        return "default"
+    if requested == "flex":
+        return "flex"
+    return "priority" if requested in ("priority", "fast") else "default"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "audio_tokens": 0,
@@ -185,13 +255,18 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def _choice(request: ChatRequest, markers: Markers, index: int) -> tuple[dict[str, Any], int]:
+def _choice(
+    request: ChatRequest, markers: Markers, index: int, packed: PackAnswer | None
+) -> tuple[dict[str, Any], int]:
     message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None, "annotations": []}
     finish_reason = "stop"
     if markers.refusal:
         message["refusal"] = REFUSAL_TEXT
         return _wrap(index, message, finish_reason), count_tokens(REFUSAL_TEXT)
-    content = generate_content(request, index, broken=markers.invalid_json)
+    if packed is not None:
+        content = json.dumps(packed.value, ensure_ascii=False, separators=(",", ":"))
+    else:
+        content = generate_content(request, index, broken=markers.invalid_json)
     tokens = count_tokens(content)
     if request.max_tokens is not None and tokens > request.max_tokens:
         # Like the real API: cut at the limit even if that leaves invalid JSON.
@@ -214,6 +289,12 @@ def generate_content(request: ChatRequest, index: int = 0, *, broken: bool = Fal
     if broken:
         # Unterminated object: not parseable, whatever the requested format.
         return f'Here is the JSON you asked for: {{"summary": "{first_sentence(focus) or "none"}"'
+    if request.pack is not None:
+        return json.dumps(
+            pack_answer(request.pack, seed=request.seed, drop=0).value,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
     if request.format_type == "json_schema":
         value = SchemaSynthesizer(request.schema, text=text, rng=seeded_random(key)).generate()
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

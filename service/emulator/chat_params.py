@@ -80,6 +80,18 @@ def check_temperature(body: dict[str, Any]) -> None:
         )
 
 
+def check_service_tier(body: dict[str, Any]) -> str | None:
+    """``service_tier``: None when absent, else one of :data:`errors.SERVICE_TIERS`."""
+    value = body.get("service_tier")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.invalid_type("service_tier", "a string", value)
+    if value not in errors.SERVICE_TIERS:
+        raise errors.invalid_value("service_tier", value, errors.SERVICE_TIERS)
+    return value
+
+
 def check_response_format(value: Any) -> tuple[str, Any]:
     if value is None:
         return "text", None

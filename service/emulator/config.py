@@ -55,6 +55,24 @@ class FaultConfig(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
 
+    # --- flex processing (service_tier "flex", sync chat completions) -------------------
+    flex_latency_s: float = Field(default=0.05, ge=0.0)
+    """Added before every flex answer (on top of ``latency_s``): flex is slower."""
+    flex_unavailable_rate: float = Fraction
+    """Fraction of flex requests refused with 429 ``resource_unavailable`` (own seeded draw,
+    one per flex request that passed validation, so other fault sequences do not shift)."""
+    flex_unavailable_next: int = Field(default=0, ge=0)
+    """The next N flex requests are refused (one-shot, before ``flex_unavailable_rate``)."""
+    flex_retry_after_s: float | None = Field(default=None, ge=0.0)
+    """``retry-after`` on flex refusals; None = no ``retry-after`` header."""
+
+    # --- packed prompts (several items, one answer keyed by id) ------------------------
+    pack_drop: int = Field(default=0, ge=0)
+    """Every packed answer omits its last N answers (ids in prompt order)."""
+    pack_drop_next: list[int] = Field(default_factory=list)
+    """One-shot drop counts, one consumed per packed request (sync or batch line), used
+    instead of ``pack_drop`` while entries remain."""
+
     # --- batches --------------------------------------------------------------------
     batch_fail_validation: bool = False
     batch_expire: bool = False
@@ -112,5 +130,14 @@ class EmulatorConfig(BaseModel):
     max_batch_lines: int = Field(default=50_000, ge=1)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     organization: str = "org-emulator"
+    flex_models: list[str] | None = None
+    """Models that accept ``service_tier: "flex"``; None = every model. A flex request for
+    another model gets 400 ``unsupported_value`` (``param: "service_tier"``)."""
+    prompt_caching: bool = True
+    """Report ``usage.prompt_tokens_details.cached_tokens`` like OpenAI's automatic caching."""
+    prompt_cache_ttl_s: float = Field(default=600.0, gt=0.0)
+    """How long (emulator clock) a cached prefix stays usable after it was last seen."""
+    prompt_cache_max_entries: int = Field(default=200_000, ge=1)
+    """LRU cap on stored prefix hashes (one per 1,024 + 128·k boundary of a prompt)."""
     faults: FaultConfig = Field(default_factory=FaultConfig)
     """Faults active from the start."""

@@ -123,6 +123,38 @@ def context_length_exceeded(limit: int, tokens: int) -> EmulatedError:
     return EmulatedError(400, message, param="messages", code="context_length_exceeded")
 
 
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast")
+
+
+def flex_not_supported(model: str) -> EmulatedError:
+    """400 for ``service_tier: "flex"`` on a model without Flex processing (no fallback)."""
+    return EmulatedError(
+        400,
+        f"Unsupported value: 'service_tier' does not support 'flex' with this model. Flex processing is "
+        f"not available for the model '{model}'; use service_tier 'auto' or 'default', or a model that "
+        "supports Flex processing.",
+        param="service_tier",
+        code="unsupported_value",
+    )
+
+
+FLEX_UNAVAILABLE_CODE = "resource_unavailable"
+
+
+def flex_resource_unavailable(model: str, *, retry_after_s: float | None) -> EmulatedError:
+    """429 ``resource_unavailable``: not enough Flex capacity right now (never billed)."""
+    headers = retry_after_headers(retry_after_s) if retry_after_s is not None else {}
+    return EmulatedError(
+        429,
+        f"Resource Unavailable: there is not enough capacity to serve this Flex processing request for "
+        f"{model} right now. Please retry later with exponential backoff, or send it with service_tier "
+        "'auto' or 'default'. You have not been charged for this request.",
+        type_=FLEX_UNAVAILABLE_CODE,
+        code=FLEX_UNAVAILABLE_CODE,
+        headers=headers,
+    )
+
+
 def server_error() -> EmulatedError:
     return EmulatedError(500, SERVER_ERROR_MESSAGE, type_="server_error")
 

@@ -9,6 +9,9 @@ Markers are written into the last user message (or an embeddings input) by tests
 - ``[[emulator:line_error=CODE]]`` (batches) a non-HTTP error line with ``error.code`` CODE
 - ``[[emulator:flaky=N]]``      the first N requests (sync or batch lines) with this exact
   text get HTTP 500, later ones succeed: an item that keeps hitting transient errors
+
+``[[emulator:pack_omit]]`` / ``[[emulator:pack_invalid]]`` act on one item of a packed
+prompt and are handled in :mod:`.pack` (ignored here and outside packs).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 plus ``GET /v1/models`` (no faults there: it serves as a connectivity check).
 
 Order of checks per request: JSON body → added latency → injected fault (script or
-random) → body validation (400) → unknown model (404) → RPM/TPM limits (429) →
-markers and context window → answer.
+random) → body validation (400, incl. ``service_tier``) → unknown model (404) → flex:
+model without flex (400), flex capacity (429 ``resource_unavailable``) → RPM/TPM limits
+(429) → flex latency → markers and context window → answer.
 """
 
 from __future__ import annotations
@@ -53,21 +54,54 @@ class SyncRoutes:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         state = self._state
         body = await read_json(request)
+        self._count_wire(body)
         await self._inject_fault(body)
         chat = parse_chat_request(
             body, seed=state.config.seed, max_output_tokens=state.config.max_output_tokens
         )
         self._check_model(chat.model)
+        if chat.flex:
+            self._check_flex(chat.model)
         headers = self._admit(chat.model, chat.rate_limit_tokens)
+        if chat.flex:
+            await state.sleep(state.faults.flex_latency_s)
         try:
             answer = answer_chat(chat, state.answer_context())
         except EmulatedError as error:
             error.headers.update(headers)
             raise
-        state.stats.chat_requests_ok += 1
-        state.stats.tokens_in += answer.prompt_tokens
-        state.stats.tokens_out += answer.completion_tokens
+        stats = state.stats
+        stats.chat_requests_ok += 1
+        stats.tokens_in += answer.prompt_tokens
+        stats.tokens_out += answer.completion_tokens
+        stats.chat_ok_by_tier[answer.service_tier] += 1
+        stats.record_chat_answer(
+            cached_tokens=answer.cached_tokens,
+            packed_items=answer.packed_items,
+            pack_dropped=answer.pack_dropped,
+            is_pack=chat.pack is not None,
+        )
         return web.json_response(answer.body, headers=headers)
+
+    def _count_wire(self, body: Any) -> None:
+        """Per-tier and per-model counts of chat requests as they arrive (before any fault)."""
+        stats = self._state.stats
+        tier = body.get("service_tier") if isinstance(body, dict) else None
+        model = body.get("model") if isinstance(body, dict) else None
+        stats.requests_by_tier[tier if isinstance(tier, str) else "default"] += 1
+        stats.requests_by_model[model if isinstance(model, str) else "(none)"] += 1
+
+    def _check_flex(self, model: str) -> None:
+        """Flex needs a model that offers it (400, no fallback) and spare capacity (429)."""
+        state = self._state
+        if not state.flex_supported(model):
+            state.stats.flex_unsupported_model += 1
+            raise errors.flex_not_supported(model)
+        if state.flex_refused():
+            # Refused before the RPM/TPM window: an unserved flex call is not charged.
+            state.stats.flex_refusals += 1
+            state.stats.faults_injected["flex_unavailable"] += 1
+            raise errors.flex_resource_unavailable(model, retry_after_s=state.faults.flex_retry_after_s)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         state = self._state

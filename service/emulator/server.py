@@ -119,6 +119,10 @@ class Emulator:
     def reset_stats(self) -> None:
         self._state.stats.reset()
 
+    def clear_prompt_cache(self) -> None:
+        """Forget every cached prompt prefix (the next requests report 0 cached tokens)."""
+        self._state.prompt_cache.clear()
+
     # --- HTTP ---------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:

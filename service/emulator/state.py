@@ -15,6 +15,7 @@ from .config import BatchFault, EmulatorConfig, FaultConfig
 from .faults import BatchFaultPlan, SyncFault, decide_sync_fault, plan_batch_faults
 from .files import FileStore
 from .limits import RateLimiter
+from .prompt_cache import PromptCache
 from .stats import Stats
 from .synth import digest
 
@@ -38,6 +39,14 @@ class EmulatorState:
         self._flaky_lock = threading.Lock()
         self._next_batch: deque[BatchFault] = deque()
         self._rng = random.Random(config.seed)
+        self._flex_rng = random.Random(f"flex-{config.seed}")
+        self._flex_next = 0
+        self._pack_drop_next: deque[int] = deque()
+        self._pack_lock = threading.Lock()
+        self.prompt_cache = PromptCache(
+            ttl_s=config.prompt_cache_ttl_s, max_entries=config.prompt_cache_max_entries, clock=clock
+        )
+        self.flex_models = None if config.flex_models is None else frozenset(config.flex_models)
         self.set_faults(config.faults)
 
     @property
@@ -50,12 +59,35 @@ class EmulatorState:
         self._script = deque(faults.script)
         self._next_batch = deque(faults.batch_faults_next)
         self._rng = random.Random(self.config.seed)
+        self._flex_rng = random.Random(f"flex-{self.config.seed}")
+        self._flex_next = faults.flex_unavailable_next
+        with self._pack_lock:
+            self._pack_drop_next = deque(faults.pack_drop_next)
 
     def next_sync_fault(self) -> SyncFault:
         # One draw per request, scripted or not, so the n-th request always sees the n-th draw.
         draw = self._rng.random()
         entry = self._script.popleft() if self._script else None
         return decide_sync_fault(self._faults, entry, draw)
+
+    def flex_refused(self) -> bool:
+        """Whether this flex request is refused: one-shots first, then one seeded draw."""
+        draw = self._flex_rng.random()
+        if self._flex_next > 0:
+            self._flex_next -= 1
+            return True
+        rate = self._faults.flex_unavailable_rate
+        return rate > 0 and draw < rate
+
+    def flex_supported(self, model: str) -> bool:
+        return self.flex_models is None or model in self.flex_models
+
+    def next_pack_drop(self) -> int:
+        # Called from the event loop and from batch worker threads.
+        with self._pack_lock:
+            if self._pack_drop_next:
+                return self._pack_drop_next.popleft()
+        return self._faults.pack_drop
 
     def next_batch_plan(self) -> BatchFaultPlan:
         one_shot = self._next_batch.popleft() if self._next_batch else None
@@ -76,7 +108,7 @@ class EmulatorState:
         """Wall-clock Unix seconds, for ``created``/``*_at`` fields."""
         return int(time.time())
 
-    def answer_context(self) -> AnswerContext:
+    def answer_context(self, *, batch: bool = False) -> AnswerContext:
         return AnswerContext(
             seed=self.config.seed,
             now=self.now(),
@@ -85,6 +117,9 @@ class EmulatorState:
             organization=self.config.organization,
             fingerprint=self.fingerprint,
             flaky=self._flaky,
+            prompt_cache=self.prompt_cache.cached_tokens if self.config.prompt_caching else None,
+            pack_drop=self.next_pack_drop,
+            batch=batch,
         )
 
     def _flaky(self, text: str, failures: int) -> bool:

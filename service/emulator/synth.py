@@ -118,6 +118,26 @@ def _encoding() -> Any:
     return tiktoken.get_encoding(ENCODING_NAME)
 
 
+def encode_tokens(text: str) -> tuple[int, ...]:
+    """The token ids of ``text`` (same table and rules as ``service.core.tokens.count_tokens``).
+
+    Long texts are memoised: they are mostly system prompts, the same in every request.
+    """
+    if not text:
+        return ()
+    if len(text) >= _MEMO_MIN_CHARS:
+        return _encode_memo(text)
+    return tuple(_encoding().encode(text, disallowed_special=()))
+
+
+_MEMO_MIN_CHARS = 2_000
+
+
+@functools.lru_cache(maxsize=64)
+def _encode_memo(text: str) -> tuple[int, ...]:
+    return tuple(_encoding().encode(text, disallowed_special=()))
+
+
 def truncate_to_tokens(text: str, max_tokens: int) -> str:
     """The longest prefix of ``text`` that fits in ``max_tokens`` tokens."""
     tokens = _encoding().encode(text, disallowed_special=())

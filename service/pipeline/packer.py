@@ -46,6 +46,7 @@ class Alone:
     usage: Usage
     calls: int
     why: str
+    route: str = "sync"  # the route that share was spent on (priced at it)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Packer:
         BudgetExhaustedError as SyncCall does, for the pack's request."""
         member = self._member(spec, item, body, received_at) if packable and spec.pack > 1 else None
         if member is None:
-            return await self._sync.run(spec, item, body, received_at=received_at)
+            return await self._sync.run(spec, item, body, received_at=received_at, route=route)
         key = (spec.name, route)
         pack = self._open.get(key)
         if pack is not None and (item.id in pack.ids or not pack.budget.fits(member.tokens)):
@@ -118,11 +119,11 @@ class Packer:
         if pack.budget.full:
             self._close(key, pack)
         if lead:
-            await self._lead(spec, key, pack)
+            await self._lead(spec, key, pack, route)
         answer = await member.answer
         if isinstance(answer, Outcome):
             return answer
-        return await self._alone(spec, member, answer)
+        return await self._alone(spec, member, answer, route)
 
     def _member(
         self, spec: HandlerSpec, item: Item, body: dict[str, Any], received_at: datetime
@@ -144,7 +145,7 @@ class Packer:
             del self._open[key]
         pack.closed.set()
 
-    async def _lead(self, spec: HandlerSpec, key: tuple[str, str], pack: _Pack) -> None:
+    async def _lead(self, spec: HandlerSpec, key: tuple[str, str], pack: _Pack, route: str) -> None:
         """Wait for the pack to fill (or the linger to pass), then send it; every member's
         answer is set when this returns (also when it fails: the members' calls fail too,
         and their messages are redelivered)."""
@@ -154,7 +155,7 @@ class Packer:
             except TimeoutError:
                 pass
             self._close(key, pack)
-            await self._send(spec, pack.members)
+            await self._send(spec, pack.members, route)
         except BaseException as exc:
             for m in pack.members:
                 if not m.answer.done():
@@ -166,9 +167,9 @@ class Packer:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _send(self, spec: HandlerSpec, members: list[_Member]) -> None:
+    async def _send(self, spec: HandlerSpec, members: list[_Member], route: str) -> None:
         if len(members) == 1:  # nothing arrived to share it with
-            _set(members[0], Alone(Usage(0, 0), 0, "alone"))
+            _set(members[0], Alone(Usage(0, 0), 0, "alone", route))
             return
         keys = packing.pack_keys([m.item.id for m in members])
         body = packing.build_pack_body(
@@ -194,6 +195,7 @@ class Packer:
                 lead,
                 body,
                 received_at=min(m.received_at for m in members),
+                route=route,
                 parse=lambda response: packing.parse_pack(spec, response, keys),
             )
         except BudgetExhaustedError as exc:
@@ -210,7 +212,7 @@ class Packer:
                 if error.retryable:  # the provider kept failing (rate limit, 5xx): as one item would end
                     _set(m, self._member_outcome(spec, m, outcome, share, len(members)))
                 else:  # refused, cut off, unreadable, rejected: each item alone
-                    _set(m, Alone(share, outcome.attempts, error.code))
+                    _set(m, Alone(share, outcome.attempts, error.code, outcome.route))
             if not error.retryable:
                 log.info(
                     "packed answer unusable; sending its items alone",
@@ -224,7 +226,7 @@ class Packer:
         for m, answer, share in zip(members, ordered, shares, strict=True):
             if isinstance(answer, InvalidOutputError):
                 alone += 1
-                _set(m, Alone(share, outcome.attempts, answer.message))
+                _set(m, Alone(share, outcome.attempts, answer.message, outcome.route))
             else:
                 _set(m, self._member_outcome(spec, m, outcome, share, len(members), result=answer))
         if alone:
@@ -255,18 +257,21 @@ class Packer:
             packed=n,
         )
 
-    async def _alone(self, spec: HandlerSpec, m: _Member, carried: Alone) -> Outcome:
-        """An item the pack did not answer, sent alone (``packed`` 1); its usage, cost and
-        attempts include what the pack spent on it."""
-        outcome = await self._sync.run(spec, m.item, m.body, received_at=m.received_at)
+    async def _alone(self, spec: HandlerSpec, m: _Member, carried: Alone, route: str) -> Outcome:
+        """An item the pack did not answer, sent alone (``packed`` 1) on the pack's route;
+        its usage, cost and attempts include what the pack spent on it."""
+        outcome = await self._sync.run(spec, m.item, m.body, received_at=m.received_at, route=route)
         if not carried.calls and not carried.usage.input_tokens and not carried.usage.output_tokens:
             return outcome
         usage = (outcome.usage or Usage(0, 0)) + carried.usage
+        share_cost = self._cost(carried.usage, spec.model, carried.route)
+        cost = (
+            None
+            if outcome.cost_usd is None or share_cost is None
+            else round(outcome.cost_usd + share_cost, 10)
+        )
         return dataclasses.replace(
-            outcome,
-            usage=usage,
-            cost_usd=self._cost(usage, spec.model, outcome.route),
-            attempts=outcome.attempts + carried.calls,
+            outcome, usage=usage, cost_usd=cost, attempts=outcome.attempts + carried.calls
         )
 
     def _cost(self, usage: Usage, model: str, route: str) -> float | None:

@@ -48,7 +48,9 @@ class Alerts(Protocol):
 class Provider(Protocol):
     """One synchronous provider call (classified errors: ProviderError)."""
 
-    async def call(self, endpoint: str, body: dict[str, Any]) -> ProviderResponse: ...
+    async def call(
+        self, endpoint: str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> ProviderResponse: ...
 
 
 class Sink(Protocol):

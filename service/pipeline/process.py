@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,21 +22,34 @@ from service import failpoints
 from service.core import endings, fastjson
 from service.core import retry as retry_core
 from service.core.budget import seconds_until_next_day
-from service.core.cost import Price
+from service.core.cost import Price, supports_flex
 from service.core.errors import BadItemError, EnrichError, ErrorInfo
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome, iso
 from service.core.intake import BufferWrite, DeferError, Intake, Prepared
 from service.core.items import Item, decode_object, item_from_object
-from service.core.routing import BatchRoute, BufferKey, Route, RoutingRules, route
+from service.core.routing import (
+    BatchRoute,
+    BufferKey,
+    FlexRoute,
+    Route,
+    RoutingRules,
+    deadline_route,
+    flex_allowed,
+    route,
+)
 from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
 from service.pipeline.counters import Counters
 from service.pipeline.finish import Finish
 from service.pipeline.packer import DEFAULT_LINGER_S, Packer, PackLimits
 from service.pipeline.ports import Alerts, Ledger, Limiter, Provider, Sink, Store
+from service.pipeline.promote import Promoter
 from service.pipeline.sync_call import SyncCall
 from service.state.budget import BudgetExhaustedError
+from service.state.promoted import PromotedMarks
 from service.state.results import StoredResult
+
+log = logging.getLogger("enrichd.pipeline")
 
 __all__ = ["Clock", "Counters", "Pipeline", "PipelineConfig", "buffer_record", "buffer_write", "utcnow"]
 
@@ -55,6 +69,7 @@ class PipelineConfig:
     # Packing on the sync route (pipeline/packer.py): the limits a pack fits, the linger.
     pack_limits: PackLimits = PackLimits()
     pack_linger_s: float = DEFAULT_LINGER_S
+    intake_prefix: str = "enrich.in."  # the intake subject of a handler is this + its name
 
 
 Clock = Callable[[], datetime]
@@ -83,6 +98,7 @@ class Pipeline:
         tracer: trace.Tracer | None = None,
         on_buffered: Callable[[], None] | None = None,
         budget_recheck_s: float = 60.0,
+        marks: PromotedMarks | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -107,6 +123,8 @@ class Pipeline:
             limiter=limiter,
             ledger=ledger,
             alerts=alerts,
+            flex_timeout_s=config.rules.flex_timeout_s,
+            flex_lead_s=config.rules.flex_lead_s,
         )
         self._packer = Packer(
             self._sync_call,
@@ -116,9 +134,23 @@ class Pipeline:
             linger_s=config.pack_linger_s,
             max_tokens_param=config.max_tokens_param,
         )
+        # Which handlers may go flex (routing.flex or the handler's own flex key, and a
+        # model with a flex price), decided once.
+        self._flex = {
+            name: flex_allowed(
+                handler_flex=spec.flex,
+                routing_flex=config.rules.flex,
+                model_has_flex=supports_flex(spec.model, config.prices),
+                chat=not spec.is_embedding,
+            )
+            for name, spec in config.registry.items()
+        }
         self._finish = Finish(
             store=store, sink=sink, counters=self.counters, metrics=self._metrics, clock=clock, alerts=alerts
         )
+        self.promoter: Promoter | None = None
+        if marks is not None:
+            self.promoter = Promoter(answer=self._promote, marks=marks, rules=config.rules, clock=clock)
         # (handler, id) -> the call in flight and the intake sequence it answers
         self._sync_flights: dict[
             tuple[str, str], tuple[asyncio.Future[dict[str, Any] | None], int | None]
@@ -213,7 +245,8 @@ class Pipeline:
             )
         if isinstance(decision, BatchRoute) and batched:
             return await self._buffer(prepared, spec, decision)
-        return await self._single_flight(prepared, spec, body, force_sync=force_sync)
+        tier = "flex" if isinstance(decision, FlexRoute) and not force_sync else "sync"
+        return await self._single_flight(prepared, spec, body, force_sync=force_sync, route=tier)
 
     async def finish(self, outcome: Outcome, *, item: Item | None, intake: Intake) -> dict[str, Any]:
         """Write an item's ending (see finish.py); for sources that end a message
@@ -226,11 +259,22 @@ class Pipeline:
         assert prepared.item is not None
         spec = self.config.registry[prepared.intake.handler]
         return route(
-            prepared.item, endpoint=spec.endpoint, model=spec.model, rules=self.config.rules, now=self.clock()
+            prepared.item,
+            endpoint=spec.endpoint,
+            model=spec.model,
+            rules=self.config.rules,
+            now=self.clock(),
+            flex=self._flex.get(spec.name, False),
         )
 
     async def _single_flight(
-        self, prepared: Prepared, spec: HandlerSpec, body: dict[str, Any], *, force_sync: bool
+        self,
+        prepared: Prepared,
+        spec: HandlerSpec,
+        body: dict[str, Any],
+        *,
+        force_sync: bool,
+        route: str = "sync",
     ) -> dict[str, Any] | None:
         """One provider call per (handler, id) at a time in this replica: a copy that
         arrives meanwhile waits for it and gets its answer as ``cached``; the same intake
@@ -250,7 +294,7 @@ class Pipeline:
         self._sync_flights[key] = (flight, intake.seq)
         event: dict[str, Any] | None = None
         try:
-            event = await self._sync(prepared, spec, body, force_sync=force_sync)
+            event = await self._sync(prepared, spec, body, force_sync=force_sync, route=route)
             return event
         finally:
             flight.set_result(event)
@@ -258,7 +302,7 @@ class Pipeline:
                 del self._sync_flights[key]
 
     async def _sync(
-        self, prepared: Prepared, spec: HandlerSpec, body: dict[str, Any], *, force_sync: bool
+        self, prepared: Prepared, spec: HandlerSpec, body: dict[str, Any], *, force_sync: bool, route: str
     ) -> dict[str, Any] | None:
         intake, item = prepared.intake, prepared.item
         assert item is not None
@@ -266,7 +310,12 @@ class Pipeline:
             # Intake items may share a request with others of their handler (pack > 1);
             # a request on enrich.sync is answered alone, with no linger.
             outcome = await self._packer.run(
-                spec, item, body, received_at=intake.received_at, packable=intake.seq is not None
+                spec,
+                item,
+                body,
+                received_at=intake.received_at,
+                packable=intake.seq is not None,
+                route=route,
             )
         except BudgetExhaustedError as exc:
             if not force_sync and item.priority not in ("urgent", "high"):
@@ -306,6 +355,55 @@ class Pipeline:
         )
         return await self._finish.finish(outcome, item=prepared.item, intake=intake)
 
+    # -- promotion (pipeline/promote.py) ---------------------------------------------------
+
+    async def _promote(self, record: dict[str, Any]) -> bool:
+        """Answer a buffered (or batched) item now, on the cheapest route that can still
+        meet its deadline, as its intake message's ending. False when it was not answered
+        here (its handler is gone, its request cannot be built, the budget is spent, or
+        it is answered already): the batch path keeps it."""
+        handler = record["handler"]
+        spec = self.config.registry.get(handler)
+        if spec is None:
+            return False
+        try:
+            item = item_from_object(record["item"], handler)
+            body = spec.build_body(item, max_tokens_param=self.config.max_tokens_param)
+        except EnrichError:
+            return False  # the flush ends it with that error
+        seq = record.get("intake_seq")
+        stored = await self.store.get(handler, item.id, spec.version)
+        if stored is not None and stored.intake_seq == seq and seq is not None:
+            return True  # this very message is answered (a promotion before a crash)
+        assert item.deadline is not None
+        decision = deadline_route(
+            item.deadline, now=self.clock(), rules=self.config.rules, flex=self._flex[handler]
+        )
+        tier = "flex" if isinstance(decision, FlexRoute) else "sync"
+        intake = Intake(
+            raw=b"",
+            handler=handler,
+            subject=self.config.intake_prefix + handler,
+            received_at=datetime.fromisoformat(record["received_at"].replace("Z", "+00:00")),
+            seq=seq,
+        )
+        try:
+            # promoted together (a buffer's worth of deadlines), items of a packing handler share requests
+            outcome = await self._packer.run(spec, item, body, received_at=intake.received_at, route=tier)
+        except BudgetExhaustedError:
+            return False
+        await self._finish.finish(outcome, item=item, intake=intake)
+        log.info(
+            "promoted",
+            extra={
+                "item_id": item.id,
+                "handler": handler,
+                "route": outcome.route,
+                "deadline": iso(item.deadline),
+            },
+        )
+        return True
+
     # -- the batch route ------------------------------------------------------------------
 
     async def _buffer(
@@ -328,9 +426,11 @@ class Pipeline:
 
     async def _store_buffered(self, writes: list[BufferWrite]) -> list[bool]:
         stored = await self.sink.buffer_many(writes)
-        for ok in stored:
+        for write, ok in zip(writes, stored, strict=True):
             if ok:
                 self.counters.buffered += 1
+                if write.deadline is not None and self.promoter is not None:
+                    self.promoter.buffered(write.payload, write.deadline)
                 failpoints.hit("after_buffer")  # buffered, intake not yet acked
         if self._on_buffered is not None and any(stored):
             self._on_buffered()
@@ -358,6 +458,7 @@ def buffer_write(
         decision.key.subject_token(),
         fastjson.dumps(record),
         f"{item.handler}:{item.id}:{intake.seq}",
+        item.deadline,
     )
 
 

@@ -49,7 +49,11 @@ class SyncCall:
         limiter: Limiter | None = None,
         ledger: Ledger | None = None,
         alerts: Alerts | None = None,
+        flex_timeout_s: float = 900.0,
+        flex_lead_s: float = 930.0,
     ) -> None:
+        self._flex_timeout_s = flex_timeout_s
+        self._flex_lead_s = flex_lead_s
         self._provider = provider
         self._retry = retry
         self._prices = prices
@@ -70,11 +74,17 @@ class SyncCall:
         body: dict[str, Any],
         *,
         received_at: datetime,
+        route: str = "sync",
         parse: Callable[[dict[str, Any]], Any] | None = None,
     ) -> Outcome:
         """Call the provider under the retry policy; one retry for invalid output.
-        ``parse`` reads the response instead of ``spec.parse`` (a pack's answer:
-        pipeline/packer.py)."""
+
+        ``route="flex"`` calls with ``service_tier: "flex"`` (and the flex timeout); a
+        flex call that fails (refused with ``resource_unavailable``, timed out, ...) is
+        tried on flex again while the deadline leaves room for a whole flex call and a
+        sync fallback (``flex_lead_s``), then the item goes on the sync route with a fresh
+        retry budget. The outcome names the route that answered. ``parse`` reads the
+        response instead of ``spec.parse`` (a pack's answer: pipeline/packer.py)."""
         parse = parse or spec.parse
         policy = self._retry
         attempt, waits, calls = 1, 0, 0
@@ -99,7 +109,7 @@ class SyncCall:
                     ),
                     kind=SpanKind.CLIENT,
                 ):
-                    response = await self._call(spec, item, body)
+                    response = await self._call(spec, item, body, route)
                 spent = spent + response.usage
                 result = parse(response.body)
                 return self._outcome(
@@ -110,6 +120,7 @@ class SyncCall:
                     attempts=calls,
                     usage=spent,
                     version=spec.version,
+                    route=route,
                 )
             except InvalidOutputError as exc:
                 last_message = exc.message
@@ -130,9 +141,36 @@ class SyncCall:
                     usage=spent,
                     last_message=last_message,
                     version=spec.version,
+                    route=route,
                 )
             except ProviderError as exc:
                 last_message = exc.message
+                if route == "flex":
+                    left = None if deadline_at is None else deadline_at - time.monotonic()
+                    delay = retry_core.flex_retry_delay(
+                        self._retry,
+                        exc,
+                        attempt=attempt,
+                        left_s=left,
+                        lead_s=self._flex_lead_s,
+                        rng=self._rng,
+                    )
+                    self._counters.retries += 1
+                    self._metrics.retries.add(1, {"handler": item.handler, "code": exc.code})
+                    if delay is not None:
+                        attempt += 1
+                        log.info(
+                            "flex call failed, retrying on flex",
+                            extra={"item_id": item.id, "error_code": exc.code, "delay_s": round(delay, 3)},
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                    log.info(
+                        "flex call failed, going sync",
+                        extra={"item_id": item.id, "handler": item.handler, "error_code": exc.code},
+                    )
+                    route, attempt, waits, started = "sync", 1, 0, time.monotonic()
+                    continue
                 decision = retry_core.decide(
                     policy,
                     exc,
@@ -155,6 +193,7 @@ class SyncCall:
                         usage=spent,
                         last_message=last_message,
                         version=spec.version,
+                        route=route,
                     )
                 if decision.counts_as_attempt:
                     attempt += 1
@@ -174,35 +213,42 @@ class SyncCall:
                 )
                 await asyncio.sleep(decision.delay_s)
 
-    async def _call(self, spec: HandlerSpec, item: Item, body: dict[str, Any]) -> ProviderResponse:
+    async def _call(
+        self, spec: HandlerSpec, item: Item, body: dict[str, Any], route: str
+    ) -> ProviderResponse:
         """One provider call inside the shared rate limit and the daily budget: both are
         reserved at the call's upper bound first and corrected from ``usage`` after."""
         ledger, limiter = self._ledger, self._limiter
+        timeout_s: float | None = None
+        if route == "flex":
+            body, timeout_s = {**body, "service_tier": "flex"}, self._flex_timeout_s
         if ledger is None and limiter is None:  # nothing to reserve: skip tiktoken
-            return await self._provider.call(spec.endpoint, body)
+            return await self._provider.call(spec.endpoint, body, timeout_s=timeout_s)
         prompt = estimate_request_tokens(body)
         max_out = 0 if spec.is_embedding else _max_output(spec, body)
         planned = prompt + max_out  # providers count the requested max output toward TPM
         price = price_for(spec.model, self._prices)
-        ceiling = cost_usd(Usage(prompt, max_out), price, route="sync", batch_discount=0.0) or 0.0
-        day = await ledger.reserve(item.handler, "sync", ceiling) if ledger is not None else None
+        ceiling = (
+            cost_usd(Usage(prompt, max_out), price, route=route, batch_discount=self._batch_discount) or 0.0
+        )
+        day = await ledger.reserve(item.handler, route, ceiling) if ledger is not None else None
         if limiter is not None:
             waited = await limiter.acquire(spec.model, tokens=planned, urgent=item.priority == "urgent")
             if waited:
                 self._metrics.rate_limit_wait.add(waited, {"model": spec.model})
         try:
-            response = await self._provider.call(spec.endpoint, body)
+            response = await self._provider.call(spec.endpoint, body, timeout_s=timeout_s)
         except BaseException:
             if ledger is not None and day is not None:
-                await ledger.correct(day, item.handler, "sync", -ceiling)  # failed calls are not billed
+                await ledger.correct(day, item.handler, route, -ceiling)  # failed calls are not billed
             raise
         if limiter is not None:
             limiter.observe(spec.model, response.headers)
             actual = response.usage.input_tokens + max_out
             await limiter.settle(spec.model, estimated=planned, actual=actual)
         if ledger is not None and day is not None:
-            real = cost_usd(response.usage, price, route="sync", batch_discount=0.0) or 0.0
-            await ledger.correct(day, item.handler, "sync", real - ceiling)
+            real = cost_usd(response.usage, price, route=route, batch_discount=self._batch_discount) or 0.0
+            await ledger.correct(day, item.handler, route, real - ceiling)
         return response
 
     def _outcome(
@@ -217,12 +263,13 @@ class SyncCall:
         error: ErrorInfo | None = None,
         last_message: str | None = None,
         version: str | None = None,
+        route: str = "sync",
     ) -> Outcome:
         price = price_for(model, self._prices)
         return Outcome(
             id=item.id,
             handler=item.handler,
-            route="sync",
+            route=route,
             model=model,
             received_at=received_at,
             completed_at=self._clock(),
@@ -230,7 +277,7 @@ class SyncCall:
             error=error,
             attempts=attempts,
             usage=usage,
-            cost_usd=cost_usd(usage, price, route="sync", batch_discount=self._batch_discount),
+            cost_usd=cost_usd(usage, price, route=route, batch_discount=self._batch_discount),
             metadata=item.metadata,
             source=item.source,
             last_message=last_message,

@@ -29,7 +29,9 @@ class ProviderResponse:
 class SyncProvider(Protocol):
     """What the sync path needs from a provider."""
 
-    async def call(self, endpoint: str, body: dict[str, Any]) -> ProviderResponse: ...
+    async def call(
+        self, endpoint: str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> ProviderResponse: ...
 
     async def close(self) -> None: ...
 
@@ -76,19 +78,25 @@ class OpenAISyncProvider:
     def client(self) -> AsyncOpenAI:
         return self._client
 
-    async def call(self, endpoint: str, body: dict[str, Any]) -> ProviderResponse:
+    async def call(
+        self, endpoint: str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> ProviderResponse:
+        """One call; ``timeout_s`` overrides the client's timeout (flex calls are slower)."""
+        options: Any = {} if timeout_s is None else {"timeout": timeout_s}
         async with self._slots:
             try:
                 if endpoint == "/v1/embeddings":
                     # parse(): the SDK asks for base64 vectors and decodes them there.
-                    raw: Any = await self._client.embeddings.with_raw_response.create(**body)
+                    raw: Any = await self._client.embeddings.with_raw_response.create(**body, **options)
                     data: Any = raw.parse().model_dump(mode="json")
                 else:
                     # The body is already in wire form (handlers build it), so it goes out
                     # through the SDK's generic post: same client, auth, timeout and error
                     # classes, without re-transforming the parameters and building the
                     # response model, which cost more CPU than the rest of the sync path.
-                    raw = await self._client.post("/chat/completions", cast_to=httpx2.Response, body=body)
+                    raw = await self._client.post(
+                        "/chat/completions", cast_to=httpx2.Response, body=body, options=options
+                    )
                     data = fastjson.loads(raw.content)
             except Exception as exc:  # noqa: BLE001 - every failure is classified here
                 raise classify_exception(exc) from None

@@ -63,6 +63,7 @@ class BatchRecord:
     fault_count: int = 0
     lost_batches: int = 0  # batches of this flush the provider lost (or lost the output of)
     end_error: dict[str, Any] | None = None  # set: every item ends with this error
+    promote_at: float | None = None  # when the first item with a deadline is due for promotion
     revision: int = 0  # KV revision this copy was read at (not stored)
 
     def to_json(self) -> bytes:

@@ -40,7 +40,9 @@ class FakeProvider:
         self.errors = list(errors or [])
         self.usage = Usage(0, 0)
 
-    async def call(self, endpoint: str, body: dict[str, Any]) -> ProviderResponse:
+    async def call(
+        self, endpoint: str, body: dict[str, Any], timeout_s: float | None = None
+    ) -> ProviderResponse:
         self.bodies.append(body)
         if self.errors:
             raise self.errors.pop(0)

@@ -89,6 +89,11 @@ def test_openai_conventional_env_and_systemd_state_dir(monkeypatch: pytest.Monke
         ("[handlers.gist]\nprompt = '{text'\n", "handlers.gist.prompt"),
         ("[packing]\nlinger_s = 5\n", "packing.linger_s"),
         ("[packing]\nmax_output_tokens = 0\n", "packing.max_output_tokens"),
+        # the second wave (CONTRACT §11-§13)
+        ("[handlers.tags]\npack = 0\n", "handlers.tags.pack"),
+        ("[routing]\npromote_margin_s = -1\n", "routing.promote_margin_s"),
+        ("[handlers.tags]\nflex = true\n", "handlers.tags.flex"),  # gpt-4o-mini has no flex price
+        ("[prices.gpt-4o-mini]\ninput_per_mtok = 1\nflex = 'maybe'\n", "prices.gpt-4o-mini.flex"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
