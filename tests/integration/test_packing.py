@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.conftest import events, read_stream
@@ -124,4 +125,25 @@ async def test_batch_pack_answers_missing_items_retry_them_alone(make_daemon, nc
     assert emulator.stats["batches_created"] == 2
     # one pack line, then the two it missed, alone
     assert emulator.stats["batch_lines_total"] == 1 + 2
+    assert usage_sum(out) == (emulator.stats["tokens_in"], emulator.stats["tokens_out"])
+
+
+async def test_pack_8_on_the_flex_route(make_daemon, nc, prefix, emulator) -> None:
+    from service.emulator import FaultConfig
+
+    daemon = await make_daemon(
+        handlers={"tags": {"pack": 8, "model": "gpt-5-mini", "flex": True}},
+        routing={"flex": True, "flex_timeout_s": 30},
+        packing=LINGER,
+    )
+    emulator.set_faults(FaultConfig(flex_unavailable_next=1))  # the first pack is refused once
+    deadline = (datetime.now(UTC) + timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+    js = nc.jetstream()
+    items = [{"id": f"f{i:02d}", "text": f"note {i} due soon", "deadline": deadline} for i in range(24)]
+    await publish_many(js, f"{prefix}.in.tags", items)
+    out = by_id(await read_stream(js, daemon.subjects.stream("OUT"), f"{prefix}.out.tags", 24, timeout_s=30))
+    assert len(out) == 24
+    assert all(e["status"] == "ok" and e["route"] == "flex" and e["packed"] > 1 for e in out.values())
+    assert emulator.stats["flex_refusals"] == 1
+    assert emulator.stats["chat_ok_by_tier"].get("flex", 0) == emulator.stats["chat_requests_ok"] <= 6
     assert usage_sum(out) == (emulator.stats["tokens_in"], emulator.stats["tokens_out"])
