@@ -219,7 +219,9 @@ class Daemon:
         self._spawn(self._source.pull_loop(), "intake")
         self._spawn(self._source.heartbeats(), "intake-heartbeat")
         if s.folders.enabled:
-            self.folders = FolderSource(s, self.subjects, broker.connection, self.redact)
+            self.folders = FolderSource(
+                s, self.subjects, broker.connection, self.redact, supervise=self._spawn
+            )
             await self.folders.start()
         self._spawn(self.batcher.flush_loop(), "flush")
         self._spawn(self.batcher.poll_loop(), "poll")

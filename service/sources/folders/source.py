@@ -9,7 +9,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -44,7 +44,19 @@ WORKERS = 2  # files read and published at the same time
 class FolderSource:
     """Watches ``folders.inbox``; ``await start()``, ``await stop()``, ``progress()``."""
 
-    def __init__(self, settings: Settings, subjects: Subjects, nc: Client, redact: Redactor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        subjects: Subjects,
+        nc: Client,
+        redact: Redactor,
+        *,
+        supervise: Callable[[Coroutine[Any, Any, None], str], None] | None = None,
+    ) -> None:
+        """``supervise`` runs the long-lived loops (results, watcher, workers) under the
+        daemon's supervision (a loop that dies stops the daemon); without it they are
+        this source's own tasks. Short timers (retries, settling) are always its own."""
+        self._supervise = supervise
         self.cfg = settings.folders
         self.registry = settings.registry
         self.subjects = subjects
@@ -73,11 +85,13 @@ class FolderSource:
             folder.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
         resume = await self._recover()
         await self._results.bind(min((job.meta.received_at for job in self._jobs.values()), default=None))
-        self._work.spawn(self._results.run())
-        self._work.start(WORKERS)
+        run = self._supervise or (lambda coro, _name: self._work.spawn(coro))
+        run(self._results.run(), "folder-results")
+        for n in range(WORKERS):
+            run(self._work.worker(), f"folder-worker-{n}")
         for work in resume:
             self._work.put(work)
-        self._work.spawn(self._watcher.run(self._stop))
+        run(self._watcher.run(self._stop), "folder-watch")
         log.info("watching folder", extra={"inbox": str(self.inbox), "outbox": str(self.outbox)})
 
     async def stop(self) -> None:

@@ -19,15 +19,12 @@ Work = Callable[[], Awaitable[None]]
 
 
 class WorkQueue:
-    """``put`` a step, ``later`` a step, ``retry`` a failed one; ``start(workers)``, ``stop()``."""
+    """``put`` a step, ``later`` a step, ``retry`` a failed one; ``worker()`` runs them;
+    ``stop()`` cancels what was spawned here."""
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def start(self, workers: int) -> None:
-        for _ in range(workers):
-            self.spawn(self._worker())
 
     async def stop(self) -> None:
         """Cancel every task spawned here and wait for them (idempotent)."""
@@ -64,7 +61,8 @@ class WorkQueue:
         self.later(delay, work)
         return True
 
-    async def _worker(self) -> None:
+    async def worker(self) -> None:
+        """Run steps from the queue, one at a time, until cancelled."""
         while True:
             reraise_if_cancelled()
             work = await self._queue.get()
