@@ -123,7 +123,7 @@ class Packer:
         answer = await member.answer
         if isinstance(answer, Outcome):
             return answer
-        return await self._alone(spec, member, answer, route)
+        return await self._alone(spec, member, answer)
 
     def _member(
         self, spec: HandlerSpec, item: Item, body: dict[str, Any], received_at: datetime
@@ -257,10 +257,11 @@ class Packer:
             packed=n,
         )
 
-    async def _alone(self, spec: HandlerSpec, m: _Member, carried: Alone, route: str) -> Outcome:
-        """An item the pack did not answer, sent alone (``packed`` 1) on the pack's route;
-        its usage, cost and attempts include what the pack spent on it."""
-        outcome = await self._sync.run(spec, m.item, m.body, received_at=m.received_at, route=route)
+    async def _alone(self, spec: HandlerSpec, m: _Member, carried: Alone) -> Outcome:
+        """An item the pack did not answer, sent alone (``packed`` 1) on the route that
+        answered the pack (a flex pack that fell back to sync: sync); its usage, cost and
+        attempts include what the pack spent on it."""
+        outcome = await self._sync.run(spec, m.item, m.body, received_at=m.received_at, route=carried.route)
         if not carried.calls and not carried.usage.input_tokens and not carried.usage.output_tokens:
             return outcome
         usage = (outcome.usage or Usage(0, 0)) + carried.usage
