@@ -142,7 +142,7 @@ class HandlerSpec:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {
-                    "name": _schema_name(self.name),
+                    "name": schema_name(self.name),
                     "schema": self.output,
                     "strict": self.use_strict,
                 },
@@ -179,7 +179,16 @@ class HandlerSpec:
                     "output_truncated", f"the answer hit max_output_tokens={self.max_output_tokens}"
                 ) from None
             raise InvalidOutputError("invalid_output", f"the answer is not JSON: {exc.msg}") from None
-        assert isinstance(self.output, dict)
+        return self.validate(value)
+
+    def validate(self, value: Any) -> Any:
+        """Check an already decoded answer (a text handler's string, or a structured
+        handler's JSON value) as :meth:`parse` checks a single answer; the result, or
+        InvalidOutputError. A packed answer's entries are checked one by one with this."""
+        if self.output == "text":
+            if not isinstance(value, str):
+                raise InvalidOutputError("invalid_output", "the answer is not a string")
+            return value.strip()
         errors = sorted(self._validator.iter_errors(value), key=str)
         if errors:
             where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
@@ -204,7 +213,7 @@ def strict_compatible(schema: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)  # one per handler
-def _schema_name(name: str) -> str:
+def schema_name(name: str) -> str:
     # The API wants ^[a-zA-Z0-9_-]{1,64}$ for json_schema.name.
     clean = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
     return clean[:64] or "result"

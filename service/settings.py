@@ -115,6 +115,17 @@ class RoutingSettings(_Section):
     flex_timeout_s: float = Field(900.0, gt=0)
 
 
+class PackingSettings(_Section):
+    """How packs (handler key ``pack``, docs/packing.md) are made."""
+
+    # How long an urgent item of a packing handler waits for others to share its request.
+    linger_s: float = Field(0.03, ge=0, le=1.0)
+    # The models' limits a pack must fit: prompt + requested output within the context
+    # window, and the pack's max output tokens at most this (gpt-4o-mini's).
+    context_tokens: int = Field(128_000, ge=1024)
+    max_output_tokens: int = Field(16_384, ge=16)
+
+
 class TelemetrySettings(_Section):
     metrics_port: int = Field(9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -220,6 +231,7 @@ class Settings(BaseSettings):
     folders: FolderSettings = FolderSettings()
     batching: BatchingSettings = BatchingSettings()
     routing: RoutingSettings = RoutingSettings()
+    packing: PackingSettings = PackingSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     limits: LimitSettings = LimitSettings()
     results: ResultSettings = ResultSettings()

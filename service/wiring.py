@@ -19,6 +19,7 @@ from service.contract.subjects import Subjects
 from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps
+from service.core.packing import PackLimits
 from service.core.ratelimit import Limits
 from service.core.redact import Redactor
 from service.core.retry import RetryPolicy
@@ -172,8 +173,14 @@ def pipeline_config(
         max_item_bytes=max_item_bytes,
         max_tokens_param=s.openai.max_tokens_param,
         max_message_bytes=max_message_bytes,
+        pack_limits=pack_limits(s),
+        pack_linger_s=s.packing.linger_s,
         intake_prefix=intake_prefix,
     )
+
+
+def pack_limits(s: Settings) -> PackLimits:
+    return PackLimits(context_tokens=s.packing.context_tokens, max_output_tokens=s.packing.max_output_tokens)
 
 
 async def build_batcher(
@@ -222,6 +229,7 @@ async def build_batcher(
         flush_ack_wait_s=b.flush_ack_wait_s,
         lease_s=b.lease_s,
         max_tokens_param=s.openai.max_tokens_param,
+        pack_limits=pack_limits(s),
         max_message_bytes=max_message_bytes,
         give_up_after_s=b.give_up_after_s,
         metrics=metrics,

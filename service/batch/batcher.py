@@ -48,6 +48,7 @@ from service.core.batching import BatchPolicy, BufferState
 from service.core.cost import Price
 from service.core.errors import ProviderError
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES
+from service.core.packing import PackLimits
 from service.observability import telemetry
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
@@ -85,6 +86,7 @@ class Batcher:
         results_chunk: int = 1000,
         flush_ack_wait_s: float = 120.0,
         max_tokens_param: str = "max_completion_tokens",
+        pack_limits: PackLimits | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         give_up_after_s: float = 3600.0,
         metrics: Metrics | None = None,
@@ -186,6 +188,7 @@ class Batcher:
             poll_interval_s=poll_interval_s,
             max_enqueued_tokens=max_enqueued_tokens,
             max_tokens_param=max_tokens_param,
+            pack_limits=pack_limits or PackLimits(),
             lease_s=lease_s,
             tracer=tracer,
             clock=clock,

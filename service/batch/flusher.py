@@ -25,7 +25,16 @@ from service.core import endings, fastjson
 from service.core.batching import BatchPolicy, BufferState, flush_reason, until_next_check
 from service.core.errors import EnrichError
 from service.core.events import Outcome
-from service.core.flush_plan import Encoded, budget_wait_s, empty_fetch_wait_s, fit, flush_id, plan_fetch
+from service.core.flush_plan import (
+    Encoded,
+    budget_wait_s,
+    empty_fetch_wait_s,
+    fit,
+    flush_id,
+    pack_lines,
+    plan_fetch,
+)
+from service.core.packing import PackLimits
 from service.sinks.events import dumps
 from service.state.batches import BatchRecord, BatchStore, seq_ranges
 from service.state.budget import BudgetExhaustedError
@@ -58,6 +67,7 @@ class Flusher:
         max_enqueued_tokens: int | None,
         max_tokens_param: str,
         lease_s: float,
+        pack_limits: PackLimits | None = None,
         tracer: trace.Tracer,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -79,6 +89,7 @@ class Flusher:
         self.poll_interval_s = poll_interval_s
         self.max_enqueued_tokens = max_enqueued_tokens
         self.max_tokens_param = max_tokens_param
+        self.pack_limits = pack_limits or PackLimits()
         self.lease_s = lease_s
         self.tracer = tracer
         self.clock = clock
@@ -219,7 +230,11 @@ class Flusher:
             reserved_usd=reserved,
             promote_at=self.promotions.promote_at(kept) if self.promotions is not None else None,
         )
-        await self.store.put_items(fid, stored[:n])
+        # Packs are made from what goes into this flush (after the cuts, so none is split).
+        lines, requests = pack_lines(
+            kept, stored[:n], self.registry, limits=self.pack_limits, max_tokens_param=self.max_tokens_param
+        )
+        await self.store.put_items(fid, lines)
         await self.store.create(record)
         self.held.sent(kept, fid)
         failpoints.hit("after_flush_record")
@@ -229,7 +244,13 @@ class Flusher:
             await m.nak()
         log.info(
             "flush written",
-            extra={"flush_id": fid, "items": n, "tokens": record.tokens, "left_in_buffer": len(later)},
+            extra={
+                "flush_id": fid,
+                "items": n,
+                "requests": requests,
+                "tokens": record.tokens,
+                "left_in_buffer": len(later),
+            },
         )
         return record
 

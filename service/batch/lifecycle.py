@@ -22,7 +22,14 @@ from service.batch.records import clear_fault, event_body
 from service.batch.submit import Submitter
 from service.core import batch_faults
 from service.core.batch_info import BatchInfo
-from service.core.batch_outcomes import Action, ActionCollector, Fail, Retry, failed_batch_actions
+from service.core.batch_outcomes import (
+    Action,
+    ActionCollector,
+    Fail,
+    Retry,
+    failed_batch_actions,
+    line_numbers,
+)
 from service.core.batchfile import LineReader
 from service.core.cost import Usage
 from service.core.errors import ErrorInfo, ProviderError
@@ -155,7 +162,7 @@ class Lifecycle:
             await self._requeue_whole(record, info, "token_limit_exceeded")
             return
         if info.status == "failed":
-            actions = failed_batch_actions(info, len(items))
+            actions = failed_batch_actions(info, len(items), line_numbers(items))
         else:
             actions = await self._line_actions(info, items)
         retried = {index for index, action in enumerate(actions) if isinstance(action, Retry)}

@@ -27,8 +27,9 @@ from service.contract.subjects import Subjects
 from service.core import endings
 from service.core.batch_info import BatchInfo
 from service.core.batch_outcomes import Action, Fail, Ok, Retry
-from service.core.cost import Price, cost_usd, price_for
+from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome
+from service.core.flush_plan import PACK_FIELDS
 from service.observability import tracing
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
@@ -260,10 +261,17 @@ class Publisher:
                 "batch_attempts": int(item.get("batch_attempts", 0)) + 1,
                 "last_batch": record.batch_id,
             }
+            if "pack" in item:  # out of its pack; its own request is built at the next flush
+                for key in (*PACK_FIELDS, "body"):
+                    again.pop(key, None)
+            if action.unpacked:
+                again["unpacked"] = True
+            if action.usage.input_tokens or action.usage.output_tokens:
+                again["carried_usage"] = (carried_usage(item) + action.usage).to_dict()
             token = self.subjects.buffer(record_token(record))
             msg_id = f"{handler}:{data['id']}:{item['intake_seq']}:b{again['batch_attempts']}"
             return [(token, dumps(again).encode(), {"Nats-Msg-Id": msg_id})]
-        usage = action.usage
+        usage = action.usage + carried_usage(item)  # and what its earlier pack spent on it
         price = price_for(record.model, self.prices)
         outcome = Outcome(
             id=data["id"],
@@ -282,6 +290,7 @@ class Publisher:
             error=action.error if isinstance(action, Fail) else None,
             last_message=action.last_message if isinstance(action, Fail) else None,
             handler_version=item.get("handler_version"),
+            packed=action.packed,
         )
         # One ending for both routes (service/core/endings.py): event, ids, header, DLQ
         # entry and log line. Batch error events carry no intake-seq header (their
@@ -344,3 +353,16 @@ class Publisher:
         for ack, (subject, payload, headers) in zip(results, messages, strict=True):
             if headers and INTAKE_SEQ_HEADER in headers and getattr(ack, "duplicate", False):
                 await keep_second_answer(self.js, self.subjects, ack, subject, payload, headers)
+
+
+def carried_usage(item: dict[str, Any]) -> Usage:
+    """What earlier batches spent on a buffered item: its share of a pack that did not
+    answer it (``carried_usage``, set when it was sent back alone)."""
+    carried = item.get("carried_usage")
+    if not isinstance(carried, dict):
+        return Usage(0, 0)
+    return Usage(
+        int(carried.get("input_tokens", 0)),
+        int(carried.get("output_tokens", 0)),
+        int(carried.get("cached_tokens", 0)),
+    )

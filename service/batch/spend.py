@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from handlers import HandlerSpec
-from service.core.batch_outcomes import Action, Fail, Ok
+from service.core.batch_outcomes import Action
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.flush_plan import budget_cut
 from service.state.batches import BatchRecord
@@ -86,7 +86,7 @@ class Spend:
         price = price_for(record.model, self.prices)
         billed: dict[str, float] = {}
         for item, action in zip(items, actions, strict=True):
-            usage = action.usage if isinstance(action, Ok | Fail) else Usage(0, 0)
+            usage = action.usage  # a retried pack member's share was billed too
             usd = cost_usd(usage, price, route="batch", batch_discount=self.batch_discount) or 0.0
             billed[item["handler"]] = billed.get(item["handler"], 0.0) + usd
         reserved_share = record.reserved_usd / max(1, len(items))

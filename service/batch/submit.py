@@ -96,9 +96,12 @@ class Submitter:
                 )
                 await self._mark_submitted(record, found)
                 return
-        # One item decoded at a time: the request lines are all that is kept.
+        # One item decoded at a time: the request lines are all that is kept. A pack is
+        # one line, carried by its first member under the pack's custom id.
         items = await self.store.iter_items(record.flush_id)
-        data = to_jsonl(((it["cid"], it["body"]) for it in items), url=record.endpoint)
+        data = to_jsonl(
+            ((it.get("pack") or it["cid"], it["body"]) for it in items if "body" in it), url=record.endpoint
+        )
         del items
         record.submit_attempts += 1
         record = await self.leases.save(record)  # the attempt is durable before anything is created

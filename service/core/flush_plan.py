@@ -11,12 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from handlers import HandlerSpec
-from service.core import fastjson
+from service.core import fastjson, packing
 from service.core.batchfile import custom_id, encode_line
 from service.core.batching import take
 from service.core.budget import seconds_until_next_day
 from service.core.errors import BadItemError, EnrichError
 from service.core.items import item_from_object
+from service.core.packing import PackLimits
 from service.core.tokens import estimate_request_tokens
 
 Key = tuple[str, str]  # (handler, item id)
@@ -103,6 +104,76 @@ def plan_fetch(
         keys.add(key)
         plan.send.append(Encoded(index, *encode_for_flush(r)))
     return plan
+
+
+PACK_FIELDS = ("pack", "pack_key", "pack_n", "pack_weight")
+
+
+def pack_lines(
+    records: list[dict[str, Any]],
+    lines: list[bytes],
+    registry: Mapping[str, HandlerSpec],
+    *,
+    limits: PackLimits,
+    max_tokens_param: str,
+) -> tuple[list[bytes], int]:
+    """A flush's lines with its packs (CONTRACT §12): records of a handler with
+    ``pack > 1`` are grouped, in order, into packs of as many as fit
+    (service/core/packing.py). Each member's line names its pack's ``custom_id``
+    (``pack``), its key in the pack's prompt (``pack_key``), the pack's size (``pack_n``)
+    and its prompt tokens (``pack_weight``, its share of the usage); the pack's first
+    member also carries the pack's request body, the one line the batch file gets for the
+    pack. The flush object so keeps which items are in which pack: results map back after
+    a crash. Not packed: an item retried ``unpacked`` (its pack answer missed it), one
+    whose kept request was built by another version of its handler, one whose text holds
+    an item tag. Returns the lines and how many lines the batch file will have."""
+    out = list(lines)
+    by_handler: dict[str, list[int]] = {}
+    for index, r in enumerate(records):
+        spec = registry.get(r["handler"])
+        if spec is None or spec.pack < 2 or r.get("unpacked") or r.get("handler_version") != spec.version:
+            continue
+        by_handler.setdefault(r["handler"], []).append(index)
+    requests = len(records)
+    for handler, indices in by_handler.items():
+        spec = registry[handler]
+        blocks: list[str] = []
+        entries: list[tuple[str, int | None]] = []
+        for index in indices:
+            r = records[index]
+            try:
+                block = packing.item_block(spec, item_from_object(r["item"], handler))
+            except EnrichError:
+                block = ""
+            blocks.append(block)
+            tokens = packing.block_tokens(block) if packing.packable_block(block) else None
+            entries.append((r["item"]["id"], tokens))
+        for group in packing.group(spec, entries, limits):
+            if len(group) < 2:
+                continue
+            members = [indices[g] for g in group]
+            keys = packing.pack_keys([records[m]["item"]["id"] for m in members])
+            pack_cid = packing.pack_custom_id([records[m]["cid"] for m in members])
+            body = packing.build_pack_body(
+                spec,
+                [(key, blocks[g]) for key, g in zip(keys, group, strict=True)],
+                limits=limits,
+                max_tokens_param=max_tokens_param,
+            )
+            for position, (m, g, key) in enumerate(zip(members, group, keys, strict=True)):
+                line: dict[str, Any] = {
+                    **records[m],
+                    "pack": pack_cid,
+                    "pack_key": key,
+                    "pack_n": len(members),
+                    "pack_weight": entries[g][1],
+                }
+                line.pop("body", None)
+                if position == 0:
+                    line["body"] = body
+                out[m] = fastjson.dumps(line) + b"\n"
+            requests -= len(members) - 1
+    return out, requests
 
 
 def fit(

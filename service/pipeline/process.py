@@ -41,6 +41,7 @@ from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
 from service.pipeline.counters import Counters
 from service.pipeline.finish import Finish
+from service.pipeline.packer import DEFAULT_LINGER_S, Packer, PackLimits
 from service.pipeline.ports import Alerts, Ledger, Limiter, Provider, Sink, Store
 from service.pipeline.promote import Promoter
 from service.pipeline.sync_call import SyncCall
@@ -65,6 +66,9 @@ class PipelineConfig:
     # The largest message the daemon may write (the server's max_payload, less room for
     # headers): an item whose buffer record would not fit is ``item_too_large`` at intake.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Packing on the sync route (pipeline/packer.py): the limits a pack fits, the linger.
+    pack_limits: PackLimits = PackLimits()
+    pack_linger_s: float = DEFAULT_LINGER_S
     intake_prefix: str = "enrich.in."  # the intake subject of a handler is this + its name
 
 
@@ -121,6 +125,14 @@ class Pipeline:
             alerts=alerts,
             flex_timeout_s=config.rules.flex_timeout_s,
             flex_lead_s=config.rules.flex_lead_s,
+        )
+        self._packer = Packer(
+            self._sync_call,
+            prices=config.prices,
+            batch_discount=config.batch_discount,
+            limits=config.pack_limits,
+            linger_s=config.pack_linger_s,
+            max_tokens_param=config.max_tokens_param,
         )
         # Which handlers may go flex (routing.flex or the handler's own flex key, and a
         # model with a flex price), decided once.
@@ -295,7 +307,16 @@ class Pipeline:
         intake, item = prepared.intake, prepared.item
         assert item is not None
         try:
-            outcome = await self._sync_call.run(spec, item, body, received_at=intake.received_at, route=route)
+            # Intake items may share a request with others of their handler (pack > 1);
+            # a request on enrich.sync is answered alone, with no linger.
+            outcome = await self._packer.run(
+                spec,
+                item,
+                body,
+                received_at=intake.received_at,
+                packable=intake.seq is not None,
+                route=route,
+            )
         except BudgetExhaustedError as exc:
             if not force_sync and item.priority not in ("urgent", "high"):
                 # Deadline work that the sync budget cannot pay for goes the cheaper way.
@@ -367,7 +388,8 @@ class Pipeline:
             seq=seq,
         )
         try:
-            outcome = await self._sync_call.run(spec, item, body, received_at=intake.received_at, route=tier)
+            # promoted together (a buffer's worth of deadlines), items of a packing handler share requests
+            outcome = await self._packer.run(spec, item, body, received_at=intake.received_at, route=tier)
         except BudgetExhaustedError:
             return False
         await self._finish.finish(outcome, item=item, intake=intake)

@@ -75,6 +75,7 @@ class SyncCall:
         *,
         received_at: datetime,
         route: str = "sync",
+        parse: Callable[[dict[str, Any]], Any] | None = None,
     ) -> Outcome:
         """Call the provider under the retry policy; one retry for invalid output.
 
@@ -82,7 +83,9 @@ class SyncCall:
         flex call that fails (refused with ``resource_unavailable``, timed out, ...) is
         tried on flex again while the deadline leaves room for a whole flex call and a
         sync fallback (``flex_lead_s``), then the item goes on the sync route with a fresh
-        retry budget. The outcome names the route that answered."""
+        retry budget. The outcome names the route that answered. ``parse`` reads the
+        response instead of ``spec.parse`` (a pack's answer: pipeline/packer.py)."""
+        parse = parse or spec.parse
         policy = self._retry
         attempt, waits, calls = 1, 0, 0
         started = time.monotonic()
@@ -108,7 +111,7 @@ class SyncCall:
                 ):
                     response = await self._call(spec, item, body, route)
                 spent = spent + response.usage
-                result = spec.parse(response.body)
+                result = parse(response.body)
                 return self._outcome(
                     item,
                     received_at,
@@ -222,7 +225,7 @@ class SyncCall:
         if ledger is None and limiter is None:  # nothing to reserve: skip tiktoken
             return await self._provider.call(spec.endpoint, body, timeout_s=timeout_s)
         prompt = estimate_request_tokens(body)
-        max_out = 0 if spec.is_embedding else spec.max_output_tokens
+        max_out = 0 if spec.is_embedding else _max_output(spec, body)
         planned = prompt + max_out  # providers count the requested max output toward TPM
         price = price_for(spec.model, self._prices)
         ceiling = (
@@ -280,3 +283,13 @@ class SyncCall:
             last_message=last_message,
             handler_version=version,
         )
+
+
+def _max_output(spec: HandlerSpec, body: dict[str, Any]) -> int:
+    """The output tokens a request may use: what its body asks for (a pack asks for its
+    items' together), else the handler's."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return spec.max_output_tokens

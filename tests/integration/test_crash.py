@@ -88,6 +88,44 @@ async def test_sigkill_then_restart_gives_exactly_one_result_each(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("failpoint", "after"),
+    [("after_flush_record", "0"), ("after_create", "0"), ("mid_publish", "0")],
+)
+async def test_sigkill_with_packs_maps_every_item_back_once(
+    failpoint: str, after: str, nats_url, nc, prefix, emulator, tmp_path
+) -> None:
+    """Packs (CONTRACT §12) through a crash: which items are in which pack is in the flush
+    object, so after a restart every item still gets exactly one event from its pack."""
+    env = daemon_env(tmp_path, nats_url, prefix, emulator.base_url)
+    config = tmp_path / "packs.toml"
+    config.write_text("[handlers.tags]\npack = 8\n")
+    env["ENRICHD_CONFIG"] = str(config)
+    daemon = DaemonProcess(env, tmp_path / "daemon.log")
+    daemon.start(extra_env={"ENRICHD_FAILPOINT": failpoint, "ENRICHD_FAILPOINT_AFTER": after})
+    js = nc.jetstream()
+    for i in range(N):
+        await js.publish(
+            f"{prefix}.in.tags", json.dumps({"id": f"p{i:03d}", "text": f"packed crash item {i}"}).encode()
+        )
+    code = await wait_exit(daemon)
+    assert code == -9, f"failpoint {failpoint} was not reached:\n{daemon.log_tail()}"
+    daemon.start()
+    try:
+        stream = prefix.upper() + "_OUT"
+        await read_stream(js, stream, f"{prefix}.out.tags", N, timeout_s=45)
+        out = events(await read_stream(js, stream, f"{prefix}.out.tags", N + 1, timeout_s=3))
+    finally:
+        assert daemon.terminate() == 0, daemon.log_tail()
+    ids = Counter(e["id"] for e in out)
+    assert len(ids) == N and set(ids.values()) == {1}, daemon.log_tail()
+    assert all(e["status"] == "ok" and e["route"] == "batch" and e["packed"] > 1 for e in out)
+    sent = Counter(emulator.stats["custom_ids_submitted"])
+    assert set(sent.values()) == {1}, "a pack reached the provider twice"
+    assert emulator.stats["packed_items_answered"] == N  # every item answered in one pack, once
+
+
+@pytest.mark.slow
 async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     nats_url, nc, prefix, emulator, tmp_path
 ) -> None:

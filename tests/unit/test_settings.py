@@ -87,6 +87,8 @@ def test_openai_conventional_env_and_systemd_state_dir(monkeypatch: pytest.Monke
         ("[routing]\nsync_priorities = ['soon']\n", "routing.sync_priorities"),
         ("[telemetry]\nmetrics_port = 70000\n", "telemetry.metrics_port"),
         ("[handlers.gist]\nprompt = '{text'\n", "handlers.gist.prompt"),
+        ("[packing]\nlinger_s = 5\n", "packing.linger_s"),
+        ("[packing]\nmax_output_tokens = 0\n", "packing.max_output_tokens"),
         # the second wave (CONTRACT §11-§13)
         ("[handlers.tags]\npack = 0\n", "handlers.tags.pack"),
         ("[routing]\npromote_margin_s = -1\n", "routing.promote_margin_s"),
