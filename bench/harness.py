@@ -29,7 +29,8 @@ WORDS = (
 
 @dataclass
 class Check:
-    """One verdict: a measured figure against its target. ``op`` is ``>=`` or ``<=``."""
+    """One verdict: a measured figure against its target. ``op`` is ``>=``, ``<=`` or
+    ``within`` (``low`` ≤ value ≤ ``target``)."""
 
     bench: str
     metric: str
@@ -39,9 +40,12 @@ class Check:
     unit: str = "×"
     measured: str = ""  # the daemon's figure and the baseline's, in words
     extra: dict[str, Any] = field(default_factory=dict)
+    low: float | None = None  # the lower bound of a ``within`` target
 
     @property
     def met(self) -> bool:
+        if self.op == "within":
+            return self.low is not None and self.low <= self.value <= self.target
         return self.value >= self.target if self.op == ">=" else self.value <= self.target
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,8 +166,9 @@ class Env:
             data: dict[str, Any] = json.loads(response.read())
         return data
 
-    def settings(self, prefix: str, **overrides: Any) -> Any:
-        """The daemon's Settings (its own loader), as the tests build them."""
+    def settings(self, prefix: str, *, config: Path | None = None, **overrides: Any) -> Any:
+        """The daemon's Settings (its own loader), as the tests build them: ``config`` a
+        TOML file (an operator's configuration), then the benchmark's own sections over it."""
         from service.settings import load_settings
 
         empty = self.work / "empty.toml"
@@ -181,13 +186,13 @@ class Env:
                 sections[key] = {**sections[key], **value}
             else:
                 sections[key] = value
-        return load_settings(empty, **sections)
+        return load_settings(config or empty, **sections)
 
-    async def daemon(self, prefix: str, **overrides: Any) -> Any:
+    async def daemon(self, prefix: str, *, config: Path | None = None, **overrides: Any) -> Any:
         """A started in-process ``service.app.Daemon`` (stopped when the Env closes)."""
         from service.app import Daemon
 
-        daemon = Daemon(self.settings(prefix, **overrides))
+        daemon = Daemon(self.settings(prefix, config=config, **overrides))
         self._daemons.append(daemon)
         await daemon.start()
         return daemon
