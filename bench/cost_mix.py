@@ -297,31 +297,31 @@ def provider_traffic(after: dict[str, Any], before: dict[str, Any]) -> dict[str,
 class Baseline:
     by_handler: dict[str, Tally] = field(default_factory=dict)
     calls: int = 0
+    usd_uncached: float = 0.0  # the same answers with no input tokens read from the prompt cache
 
     @property
     def usd(self) -> float:
         return sum(t.usd for t in self.by_handler.values())
 
 
-async def sync_baseline(env: Env, daemon: Any, messages: list[Message], *, workers: int = 64) -> Baseline:
+async def sync_baseline(env: Env, settings: Any, messages: list[Message], *, workers: int = 64) -> Baseline:
     """Every message (duplicates too) as its own sync chat completion, in publishing order,
-    with the request body the daemon's handler builds for it (``Pipeline.prepare``: the
-    same handler definitions, unpacked), over plain HTTP; each answer priced at the sync
+    with the request body the daemon's handler builds for it (``HandlerSpec.build_body``
+    of the same handler definitions, unpacked), over plain HTTP; each answer priced at the sync
     price with ``service.core.cost`` on the usage the emulator reported (cached tokens
     included, as on the daemon's side)."""
     import httpx2
 
-    from service.core.cost import cost_usd, price_for, usage_from_openai
-    from service.core.intake import Intake
+    from service.core.cost import Usage, cost_usd, price_for, usage_from_openai
+    from service.core.items import item_from_object
 
-    pipeline = daemon.pipeline
-    config = pipeline.config
-    now = datetime.now(UTC)
+    discount = settings.batch_discount
     work = []
     for m in messages:
-        body = pipeline.prepare(Intake(m.payload, m.handler, f"x.in.{m.handler}", now)).body
-        assert body is not None
-        work.append((m.handler, body, price_for(body["model"], config.prices)))
+        spec = settings.registry[m.handler]
+        item = item_from_object(json.loads(m.payload), m.handler)
+        body = spec.build_body(item, max_tokens_param=settings.openai.max_tokens_param)
+        work.append((m.handler, body, price_for(body["model"], settings.price_table)))
     out = Baseline()
     queue = iter(work)
     async with httpx2.AsyncClient(
@@ -336,8 +336,10 @@ async def sync_baseline(env: Env, daemon: Any, messages: list[Message], *, worke
                 response = await client.post("/chat/completions", json=body)
                 response.raise_for_status()
                 usage = usage_from_openai(response.json().get("usage"))
-                usd = cost_usd(usage, price, route="sync", batch_discount=config.batch_discount)
+                usd = cost_usd(usage, price, route="sync", batch_discount=discount)
                 out.by_handler.setdefault(handler, Tally()).add(usage, usd)
+                plain = Usage(usage.input_tokens, usage.output_tokens)
+                out.usd_uncached += cost_usd(plain, price, route="sync", batch_discount=discount) or 0.0
                 out.calls += 1
 
         await asyncio.gather(*(worker() for _ in range(workers)))
@@ -347,8 +349,22 @@ async def sync_baseline(env: Env, daemon: Any, messages: list[Message], *, worke
 # -- 6. cost of the mixed workload --------------------------------------------------------
 
 
-async def bench_cost(env: Env) -> list[Check]:
-    prefix = "rcost"
+@dataclass
+class MixRun:
+    """One daemon's run of the mixed workload."""
+
+    messages: list[Message]
+    spent: dict[str, float]  # the daemon's enrichd.cost counter, by route
+    traffic: dict[str, Any]
+    events: list[dict[str, Any]]
+    took_s: float
+
+    @property
+    def usd(self) -> float:
+        return sum(self.spent.values())
+
+
+async def run_mix(env: Env, prefix: str, *, ids: str, **overrides: Any) -> MixRun:
     port = free_port()
     daemon = await env.daemon(
         prefix,
@@ -356,56 +372,105 @@ async def bench_cost(env: Env) -> list[Check]:
         openai={"max_concurrency": 64},
         telemetry={"metrics_port": port},
         batching=TIMERS,
+        **overrides,
     )
-    messages = mixed_workload(MIX_ITEMS, now=datetime.now(UTC))
-    kinds = Counter(m.kind for m in messages if not m.duplicate)
-    dupes = sum(m.duplicate for m in messages)
+    messages = mixed_workload(MIX_ITEMS, now=datetime.now(UTC), prefix=ids)
     before = env.emulator_stats()
     took = await publish_and_settle(env, daemon, messages, 300)
     spent = await asyncio.to_thread(scrape_cost, port)  # the daemon serves it from this loop
     traffic = provider_traffic(env.emulator_stats(), before)
     events = await read_events(env, daemon)
-    routes = tally_by(events, "route")
-    by_handler = tally_by(events, "handler")
-    base = await sync_baseline(env, daemon, messages)
-    ours = sum(spent.values())
-    per_handler = {
-        h: round(by_handler[h].usd / base.by_handler[h].usd, 4) for h in base.by_handler if h in by_handler
+    await daemon.stop()  # its loops would only add noise to what runs next
+    return MixRun(messages, spent, traffic, events, took)
+
+
+def uncached_usd(events: Iterable[dict[str, Any]], settings: Any) -> float:
+    """What the events' usage would cost with no input tokens read from the prompt cache."""
+    from service.core.cost import Usage, cost_usd, price_for
+
+    out = 0.0
+    for e in events:
+        usage = e.get("usage")
+        if e.get("cached") or not usage:
+            continue
+        price = price_for(e["model"], settings.price_table)
+        plain = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+        out += cost_usd(plain, price, route=e["route"], batch_discount=settings.batch_discount) or 0.0
+    return out
+
+
+def describe(run: MixRun, baseline_usd: float) -> str:
+    kinds = Counter(m.kind for m in run.messages)
+    routes = tally_by(run.events, "route")
+    t = run.traffic
+    paid = " / ".join(f"{r} {routes.get(r, Tally()).paid:,}" for r in ("sync", "flex", "batch"))
+    return (
+        f"${run.usd:.4f} vs ${baseline_usd:.4f} ({len(run.messages):,} items: {kinds['urgent']:,} urgent, "
+        f"{kinds['deadline']:,} with a deadline, {sum(m.duplicate for m in run.messages):,} duplicates; "
+        f"paid on {paid}; {t['chat_requests_ok']:,} provider requests + {t['batch_lines']:,} batch lines, "
+        f"{t['packed_requests']:,} of them packs)"
+    )
+
+
+def run_extra(run: MixRun, base: Baseline, settings: Any) -> dict[str, Any]:
+    routes = tally_by(run.events, "route")
+    by_handler = tally_by(run.events, "handler")
+    return {
+        "daemon_usd_by_route": {k: round(v, 6) for k, v in run.spent.items()},
+        "events_usd": round(sum(t.usd for t in routes.values()), 6),
+        "ratio_by_handler": {
+            h: round(t.usd / base.by_handler[h].usd, 4) for h, t in by_handler.items() if h in base.by_handler
+        },
+        "ratio_without_prompt_cache": round(uncached_usd(run.events, settings) / base.usd_uncached, 4),
+        "daemon_by_route": {k: v.to_dict() for k, v in routes.items()},
+        "daemon_by_handler_route": {
+            k: v.to_dict() for k, v in tally_by(run.events, "handler", "route").items()
+        },
+        "provider": run.traffic,
+        "result_events": len(run.events),
+        "cached_answers": sum(1 for e in run.events if e.get("cached")),
+        "errors": sum(1 for e in run.events if e.get("status") != "ok"),
+        "items": dict(Counter(m.kind for m in run.messages if not m.duplicate))
+        | {"duplicates": sum(m.duplicate for m in run.messages)},
+        "daemon_wall_s": round(run.took_s, 1),
     }
-    packed_requests = traffic["packed_requests"]
+
+
+async def bench_cost(env: Env) -> list[Check]:
+    """The mixed workload through the operator's configuration (``tags`` packed by 8),
+    then, with other ids (so no prompt prefix is shared with the first run), through the
+    same configuration with ``tags`` packed by 16; then the baseline: the 10,000
+    messages' bodies (the same for both runs: bodies do not hold ids) sent sync one by one."""
+    first = await run_mix(env, "rcost", ids="mix")
+    second = await run_mix(env, "rcost16", ids="mxb", handlers={"tags": {"pack": 16}})
+    settings = env.settings("rcost", config=CONFIG)
+    base = await sync_baseline(env, settings, first.messages)
+    common = {
+        "config": str(CONFIG.relative_to(ROOT)),
+        "baseline_usd": round(base.usd, 6),
+        "baseline_usd_without_prompt_cache": round(base.usd_uncached, 6),
+        "baseline_by_handler": {k: v.to_dict() for k, v in base.by_handler.items()},
+        "baseline_provider_calls": base.calls,
+    }
     return [
         Check(
             "cost",
             "daemon cost / every item sync",
-            ours / base.usd,
+            first.usd / base.usd,
             "<=",
             0.35,
-            measured=f"${ours:.4f} vs ${base.usd:.4f} ({len(messages):,} items: "
-            f"{kinds['urgent']:,} urgent, {kinds['deadline']:,} with a deadline, {dupes:,} duplicates; "
-            f"routes sync {routes.get('sync', Tally()).paid:,} / flex {routes.get('flex', Tally()).paid:,} / "
-            f"batch {routes.get('batch', Tally()).paid:,} paid; "
-            f"{traffic['chat_requests_ok']:,} provider requests + {traffic['batch_lines']:,} batch lines, "
-            f"{packed_requests:,} of them packs)",
-            extra={
-                "config": str(CONFIG.relative_to(ROOT)),
-                "daemon_usd_by_route": {k: round(v, 6) for k, v in spent.items()},
-                "events_usd": round(sum(t.usd for t in routes.values()), 6),
-                "baseline_usd": round(base.usd, 6),
-                "ratio_by_handler": per_handler,
-                "daemon_by_route": {k: v.to_dict() for k, v in routes.items()},
-                "daemon_by_handler_route": {
-                    k: v.to_dict() for k, v in tally_by(events, "handler", "route").items()
-                },
-                "baseline_by_handler": {k: v.to_dict() for k, v in base.by_handler.items()},
-                "baseline_provider_calls": base.calls,
-                "provider": traffic,
-                "result_events": len(events),
-                "cached_answers": sum(1 for e in events if e.get("cached")),
-                "errors": sum(1 for e in events if e.get("status") != "ok"),
-                "items": dict(kinds) | {"duplicates": dupes},
-                "daemon_wall_s": round(took, 1),
-            },
-        )
+            measured=describe(first, base.usd),
+            extra=common | run_extra(first, base, settings),
+        ),
+        Check(
+            "cost",
+            "the same with `tags` packed by 16",
+            second.usd / base.usd,
+            "<=",
+            0.35,
+            measured=describe(second, base.usd),
+            extra=run_extra(second, base, settings),
+        ),
     ]
 
 
@@ -418,12 +483,15 @@ def pack_variants() -> dict[str, dict[str, Any]]:
     short sentence, packed by 8 and alone."""
     import tomllib
 
+    from handlers.builtin import builtin_definitions
+
     system = tomllib.loads(CONFIG.read_text())["handlers"]["tags"]["system"]
+    builtin = builtin_definitions("", "")["tags"]["system"]
     return {
         "packed": {"pack": 8, "system": system},
         "single": {"pack": 1, "system": system},
-        "builtin_packed": {"pack": 8},
-        "builtin_single": {"pack": 1},
+        "builtin_packed": {"pack": 8, "system": builtin},
+        "builtin_single": {"pack": 1, "system": builtin},
     }
 
 
