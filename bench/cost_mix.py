@@ -642,3 +642,39 @@ async def bench_estimate(env: Env) -> list[Check]:
             )
         )
     return checks
+
+
+# -- one mixed-workload run with other pack sizes, for exploring -----------------------------
+
+
+async def explore(packs: dict[str, int]) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="enrichd-cost-") as tmp:
+        async with Env(Path(tmp)) as env:
+            run = await run_mix(env, "rx", ids="mix", handlers={h: {"pack": n} for h, n in packs.items()})
+            settings = env.settings("rx", config=CONFIG, handlers={h: {"pack": n} for h, n in packs.items()})
+            base = await sync_baseline(env, settings, run.messages)
+    return {"ratio": round(run.usd / base.usd, 4), "measured": describe(run, base.usd)} | run_extra(
+        run, base, settings
+    )
+
+
+def main() -> None:
+    """``python -m bench.cost_mix --pack tags=8 --pack summarize=8``: the mixed workload
+    once with bench/cost.toml and these pack sizes, against the baseline; prints JSON."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--pack", action="append", default=[], help="HANDLER=N (repeatable)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("faststream").addFilter(lambda record: record.levelno >= logging.WARNING)
+    packs = {h: int(n) for h, n in (p.split("=", 1) for p in args.pack)}
+    print(json.dumps(asyncio.run(explore(packs)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
