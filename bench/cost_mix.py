@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from bench.harness import KEY, ROOT, Check, Env
@@ -647,14 +648,13 @@ async def bench_estimate(env: Env) -> list[Check]:
 # -- one mixed-workload run with other pack sizes, for exploring -----------------------------
 
 
-async def explore(packs: dict[str, int]) -> dict[str, Any]:
+async def explore(handlers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory(prefix="enrichd-cost-") as tmp:
         async with Env(Path(tmp)) as env:
-            run = await run_mix(env, "rx", ids="mix", handlers={h: {"pack": n} for h, n in packs.items()})
-            settings = env.settings("rx", config=CONFIG, handlers={h: {"pack": n} for h, n in packs.items()})
+            run = await run_mix(env, "rx", ids="mix", handlers=handlers)
+            settings = env.settings("rx", config=CONFIG, handlers=handlers)
             base = await sync_baseline(env, settings, run.messages)
     return {"ratio": round(run.usd / base.usd, 4), "measured": describe(run, base.usd)} | run_extra(
         run, base, settings
@@ -662,18 +662,23 @@ async def explore(packs: dict[str, int]) -> dict[str, Any]:
 
 
 def main() -> None:
-    """``python -m bench.cost_mix --pack tags=8 --pack summarize=8``: the mixed workload
-    once with bench/cost.toml and these pack sizes, against the baseline; prints JSON."""
+    """``python -m bench.cost_mix --pack tags=8 --pack summarize=8 [--tags-system FILE]``:
+    the mixed workload once with bench/cost.toml and these pack sizes (and another system
+    prompt for tags), against the baseline with the same definitions; prints JSON."""
     import argparse
     import logging
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--pack", action="append", default=[], help="HANDLER=N (repeatable)")
+    parser.add_argument("--tags-system", type=Path, help="a file with another system prompt for tags")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("faststream").addFilter(lambda record: record.levelno >= logging.WARNING)
-    packs = {h: int(n) for h, n in (p.split("=", 1) for p in args.pack)}
-    print(json.dumps(asyncio.run(explore(packs)), indent=1))
+    pairs = (p.split("=", 1) for p in args.pack)
+    handlers: dict[str, dict[str, Any]] = {h: {"pack": int(n)} for h, n in pairs}
+    if args.tags_system:
+        handlers.setdefault("tags", {})["system"] = args.tags_system.read_text()
+    print(json.dumps(asyncio.run(explore(handlers)), indent=1))
 
 
 if __name__ == "__main__":
