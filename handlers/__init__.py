@@ -35,6 +35,31 @@ class HandlerConfigError(ValueError):
         self.key = key
 
 
+_INT_KEYS = frozenset({"max_output_tokens", "pack", "dimensions"})
+_BOOL_KEYS = frozenset({"strict", "flex"})
+
+
+def _from_env_strings(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Handler keys set through the environment (``ENRICHD_HANDLERS__TAGS__PACK=8``) arrive
+    as strings: whole numbers and booleans are read from them; anything else stays as is
+    (and is refused with the key's name if it is wrong)."""
+    out = dict(table)
+    for key, value in table.items():
+        if not isinstance(value, str):
+            continue
+        text = value.strip()
+        if key in _INT_KEYS and text.lstrip("-").isdigit():
+            out[key] = int(text)
+        elif key in _BOOL_KEYS and text.lower() in ("true", "false"):
+            out[key] = text.lower() == "true"
+        elif key == "temperature":
+            try:
+                out[key] = float(text)
+            except ValueError:
+                pass
+    return out
+
+
 def build_registry(
     overrides: Mapping[str, Mapping[str, Any]], *, chat_model: str, embedding_model: str
 ) -> dict[str, HandlerSpec]:
@@ -45,7 +70,7 @@ def build_registry(
     registry: dict[str, HandlerSpec] = {}
     for name in names:
         base = dict(definitions.get(name, {"model": chat_model}))
-        table = dict(overrides.get(name, {}))
+        table = _from_env_strings(overrides.get(name, {}))
         unknown = sorted(set(table) - HANDLER_KEYS)
         if unknown:
             raise HandlerConfigError(f"handlers.{name}.{unknown[0]}", "unknown key")

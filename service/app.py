@@ -172,9 +172,7 @@ class Daemon:
             budget_recheck_s=s.budget.recheck_s,
             marks=marks,
         )
-        self.stats = await DailyStats.open(
-            js, self.subjects.stream_suffix, s.instance, replicas=s.nats.stream_replicas, clock=self.clock
-        )
+        self.stats = await wiring.open_stats(js, s, self.subjects, clock=self.clock)
         self.metrics.listeners.append(self.stats.record)
         self.batcher = await wiring.build_batcher(
             js,

@@ -36,6 +36,7 @@ from service.state.budget import Ledger
 from service.state.limits import SharedLimiter
 from service.state.promoted import PromotedMarks
 from service.state.results import ResultStore
+from service.state.stats import DailyStats, HandlerFacts
 
 log = logging.getLogger("enrichd")
 
@@ -122,6 +123,20 @@ async def open_limiter(js: JetStreamContext, s: Settings, subjects: Subjects) ->
     }
     return await SharedLimiter.open(
         js, f"{subjects.stream_suffix}_LIMITS", limits, replicas=s.nats.stream_replicas
+    )
+
+
+async def open_stats(js: JetStreamContext, s: Settings, subjects: Subjects, *, clock: Clock) -> DailyStats:
+    """Today's tallies, with what the estimate expects of each configured handler."""
+    return await DailyStats.open(
+        js,
+        subjects.stream_suffix,
+        s.instance,
+        replicas=s.nats.stream_replicas,
+        clock=clock,
+        facts={name: HandlerFacts(h.max_output_tokens, h.is_embedding) for name, h in s.registry.items()},
+        prices=s.price_table,
+        batch_discount=s.batch_discount,
     )
 
 

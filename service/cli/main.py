@@ -89,37 +89,71 @@ def status(
 
 
 @app.command()
+def versions(
+    config: ConfigOpt = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="only the configuration: do not read NATS")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="stored answers read at most, per handler")] = 10_000,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Each handler's model, handler_version and pack, and the versions of its answers in
+    the result store (the current one marked)."""
+    from service.cli.versions import collect as collect_versions
+    from service.cli.versions import table
+
+    data = asyncio.run(collect_versions(_settings(config), offline=offline, limit=limit))
+    if as_json:
+        print_json(data)
+        return
+    _console().print(table(data))
+    if data["store"]["read"] or offline:
+        typer.echo(data["store"]["note"])
+    else:
+        typer.echo(f"enrichd: {data['store']['note']}", err=True)
+
+
+@app.command()
 def estimate(
     handler: Annotated[str, typer.Argument(help="handler name")],
     paths: Annotated[list[Path], typer.Argument(help="files, read as by submit")],
+    priority: Annotated[
+        str | None, typer.Option(help="urgent | high | normal | low, as submit would send them")
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="do not read the observed tokens from NATS")
+    ] = False,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Tokens and cost, sync vs batch, without calling the provider. Output tokens are
-    the handler's max_output_tokens per item: an upper bound."""
+    """Tokens, route mix and cost, without calling the provider. Output tokens are the
+    handler's observed average per item (daily stats, read over NATS) when it has one,
+    else its max_output_tokens: an upper bound."""
     from service.cli.estimate import estimate as run_estimate
+    from service.cli.estimate import read_observed, render
     from service.cli.submit import SubmitError
 
+    settings = _settings(config)
+    if priority is not None and priority not in ("urgent", "high", "normal", "low"):
+        typer.echo("enrichd: --priority must be urgent, high, normal or low", err=True)
+        raise typer.Exit(2)
+    if handler not in settings.registry:
+        typer.echo(
+            f"enrichd: no handler named {handler!r} (configured: {', '.join(sorted(settings.registry))})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    observed, note = (None, "not read (--offline)") if offline else asyncio.run(read_observed(settings))
     try:
-        result = run_estimate(_settings(config), handler, paths)
+        result = run_estimate(settings, handler, paths, priority=priority, observed=observed, stats_note=note)
     except (SubmitError, ValueError) as exc:
         typer.echo(f"enrichd: {exc}", err=True)
         raise typer.Exit(2) from None
     if as_json:
         print_json(result.to_dict())
         return
-
-    def usd(value: float | None) -> str:
-        return "no price for this model" if value is None else f"${value:,.4f}"
-
-    typer.echo(
-        f"{result.items} item(s) for {result.handler} on {result.model}"
-        + (f" ({result.bad_items} bad, not counted)" if result.bad_items else "")
-    )
-    typer.echo(f"input tokens:       {result.input_tokens:,}")
-    typer.echo(f"output tokens (max): {result.max_output_tokens:,}")
-    typer.echo(f"sync:  up to {usd(result.sync_usd)}")
-    typer.echo(f"batch: up to {usd(result.batch_usd)}")
+    for line in render(result):
+        typer.echo(line)
 
 
 @app.command()

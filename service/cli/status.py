@@ -13,7 +13,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from service.cli.admin import connect
+from service.cli.views import money
 from service.contract.subjects import Subjects
+from service.core.estimates import ROUTES, ratio
 from service.settings import Settings
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore
 from service.state.folder_files import progress as folder_progress
@@ -42,6 +44,59 @@ def batch_progress(record: BatchRecord, now: float) -> dict[str, Any]:
         "age_s": round(elapsed, 1),
         "note": record.note,
     }
+
+
+def _sum_leaves(routes: dict[str, Any], into: dict[str, float]) -> None:
+    for leaf in routes.values():
+        if isinstance(leaf, dict):
+            for key in ("items", "input_tokens", "output_tokens", "estimated_output_tokens"):
+                into[key] = into.get(key, 0) + int(leaf.get(key, 0))
+            for key in ("billed_usd", "estimated_usd"):
+                into[key] = into.get(key, 0.0) + float(leaf.get(key, 0.0))
+
+
+def handler_rows(settings: Settings, tallies: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per configured handler (and per handler only today's stats know of):
+    its current version, and today's paid ok results with the estimate against billed."""
+    rows = []
+    for name in sorted(set(settings.registry) | set(tallies)):
+        spec = settings.registry.get(name)
+        versions = tallies.get(name) or {}
+        total: dict[str, float] = {}
+        by_route: dict[str, int] = {}
+        by_version: dict[str, int] = {}
+        for version, routes in versions.items():
+            if not isinstance(routes, dict):
+                continue
+            mine: dict[str, float] = {}
+            _sum_leaves(routes, mine)
+            by_version[version] = int(mine.get("items", 0))
+            for route, leaf in routes.items():
+                if isinstance(leaf, dict):
+                    by_route[route] = by_route.get(route, 0) + int(leaf.get("items", 0))
+            _sum_leaves(routes, total)
+        items = int(total.get("items", 0))
+        billed, estimated = total.get("billed_usd", 0.0), total.get("estimated_usd", 0.0)
+        rows.append(
+            {
+                "handler": name,
+                "model": None if spec is None else spec.model,
+                "handler_version": None if spec is None else spec.version,
+                "pack": None if spec is None else spec.pack,
+                "today": {
+                    "items": items,
+                    "routes": by_route,
+                    "versions": by_version,
+                    "input_tokens": int(total.get("input_tokens", 0)),
+                    "output_tokens": int(total.get("output_tokens", 0)),
+                    "estimated_output_tokens": int(total.get("estimated_output_tokens", 0)),
+                    "billed_usd": round(billed, 8),
+                    "estimated_usd": round(estimated, 8),
+                    "estimate_over_billed": ratio(estimated, billed),
+                },
+            }
+        )
+    return rows
 
 
 async def _buffers(js: JetStreamContext, subjects: Subjects) -> list[dict[str, Any]]:
@@ -80,11 +135,21 @@ async def collect(settings: Settings) -> dict[str, Any]:
         wall = datetime.now(UTC)
         today, yesterday = await read_days(js, subjects.stream_suffix, wall)
         spent = sum(today["cost_usd"].values())
+        rows = handler_rows(settings, today.get("handlers", {}))
+        billed = round(sum(r["today"]["billed_usd"] for r in rows), 8)
+        estimated = round(sum(r["today"]["estimated_usd"] for r in rows), 8)
         return {
+            "handlers": rows,
             "today": {
                 "cost_usd": {k: round(v, 6) for k, v in today["cost_usd"].items()},
                 "results": today["results"],
                 "items_per_hour": round(per_hour(today, yesterday, wall), 1),
+                "estimate": {
+                    "items": sum(r["today"]["items"] for r in rows),
+                    "billed_usd": billed,
+                    "estimated_usd": estimated,
+                    "estimate_over_billed": ratio(estimated, billed),
+                },
             },
             "budget": {
                 "daily_usd": settings.budget.daily_usd,
@@ -107,6 +172,10 @@ async def collect(settings: Settings) -> dict[str, Any]:
         }
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def render(status: dict[str, Any]) -> Group:
     summary = Table.grid(padding=(0, 2))
     intake = status["intake"]
@@ -125,11 +194,19 @@ def render(status: dict[str, Any]) -> Group:
     cost = today["cost_usd"]
     budget = status["budget"]
     cap = "no cap" if budget["daily_usd"] is None else f"of ${budget['daily_usd']:,.2f} budget"
+    routes = [r for r in ROUTES if r in cost or r != "flex"] + sorted(set(cost) - set(ROUTES))
     summary.add_row(
         "cost today",
         f"${budget['spent_usd']:,.4f} {cap}",
-        "sync / batch",
-        f"${cost.get('sync', 0.0):,.4f} / ${cost.get('batch', 0.0):,.4f}",
+        " / ".join(routes),
+        " / ".join(f"${cost.get(r, 0.0):,.4f}" for r in routes),
+    )
+    estimate = today["estimate"]
+    summary.add_row(
+        "estimate vs billed today",
+        f"{money(estimate['estimated_usd'])} / {money(estimate['billed_usd'])}",
+        "estimate / billed",
+        _ratio(estimate["estimate_over_billed"]) + f" over {estimate['items']} paid ok results",
     )
     summary.add_row(
         "results today",
@@ -156,7 +233,37 @@ def render(status: dict[str, Any]) -> Group:
             "-" if b["eta_s"] is None else f"{b['eta_s']:.0f}s",
             f"{b['age_s']:.0f}s",
         )
-    parts: list[Any] = [summary, buffers, batches]
+    handlers = Table(title="handlers (today: paid ok results, estimate against billed)")
+    for column in (
+        "handler",
+        "model",
+        "version",
+        "pack",
+        "results",
+        "out/item",
+        "expected",
+        "billed",
+        "estimate",
+        "ratio",
+    ):
+        handlers.add_column(column, no_wrap=True)
+    for h in status["handlers"]:
+        t = h["today"]
+        n = t["items"]
+        handlers.add_row(
+            h["handler"],
+            h["model"] or "-",
+            (h["handler_version"] or "(not configured)")
+            + (f" (+{len(t['versions']) - 1} older today)" if len(t["versions"]) > 1 else ""),
+            "-" if h["pack"] is None else str(h["pack"]),
+            str(n),
+            f"{t['output_tokens'] / n:,.1f}" if n else "-",
+            f"{t['estimated_output_tokens'] / n:,.1f}" if n else "-",
+            money(t["billed_usd"]),
+            money(t["estimated_usd"]),
+            _ratio(t["estimate_over_billed"]),
+        )
+    parts: list[Any] = [summary, handlers, buffers, batches]
     if status["files"]:
         files = Table(title="watched-folder files")
         for column in ("file", "handler", "state", "progress", "done"):

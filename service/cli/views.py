@@ -10,6 +10,15 @@ from rich.table import Table
 from service.state.batches import BatchRecord
 
 
+def money(value: float | None) -> str:
+    """USD for people: cents-sized and larger to 4 places, small sums to 6."""
+    if value is None:
+        return "no price"
+    if value == 0:
+        return "$0"
+    return f"${value:,.4f}" if abs(value) >= 0.01 else f"${value:.6f}"
+
+
 def _age(ts: float) -> str:
     seconds = max(0, int(time.time() - ts))
     if seconds < 120:

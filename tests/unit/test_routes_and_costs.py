@@ -153,7 +153,7 @@ def test_handler_version_follows_the_definition() -> None:
     [
         ({"tags": {"pack": 0}}, "handlers.tags.pack"),
         ({"tags": {"pack": 101}}, "handlers.tags.pack"),
-        ({"tags": {"pack": "8"}}, "handlers.tags.pack"),
+        ({"tags": {"pack": "eight"}}, "handlers.tags.pack"),
         ({"tags": {"flex": "yes"}}, "handlers.tags.flex"),
     ],
 )
@@ -161,3 +161,13 @@ def test_bad_pack_and_flex_keys_name_the_key(table: dict, key: str) -> None:
     with pytest.raises(HandlerConfigError) as info:
         build_registry(table, chat_model="gpt-4o-mini", embedding_model="text-embedding-3-small")
     assert info.value.key == key
+
+
+def test_handler_numbers_and_booleans_from_the_environment_are_read() -> None:
+    registry = build_registry(
+        {"tags": {"pack": "8", "flex": "false", "max_output_tokens": "99", "temperature": "0.5"}},
+        chat_model="gpt-4o-mini",
+        embedding_model="text-embedding-3-small",
+    )
+    spec = registry["tags"]
+    assert (spec.pack, spec.flex, spec.max_output_tokens, spec.temperature) == (8, False, 99, 0.5)
