@@ -98,6 +98,9 @@ class Promoter:
     async def taken(self) -> set[str]:
         return await self._marks.taken()
 
+    def mark_message(self, record: dict[str, Any]) -> tuple[str, bytes]:
+        return self._marks.mark_message(record_key(record))
+
     def wanted(self, record: dict[str, Any] | bytes, *, due: datetime | None = None) -> None:
         """Promote this buffer record at ``due`` (now when None)."""
         decoded = fastjson.loads(record) if isinstance(record, bytes) else record
