@@ -119,9 +119,8 @@ def buffered_records(
     """(buffer subject token, record) as Pipeline._buffer writes them, for ``count`` items
     parsed by the daemon's own pipeline; each record also gets the request body that the
     flush builds (``body``, not part of a buffer message: full_flush leaves it out)."""
-    from service.core.intake import Intake
+    from service.core.intake import Intake, buffer_record
     from service.core.routing import BatchRoute, BufferKey
-    from service.pipeline.process import buffer_record
 
     now = datetime.now(UTC)
     out = []

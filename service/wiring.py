@@ -26,7 +26,7 @@ from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
-from service.pipeline.process import Clock, PipelineConfig
+from service.pipeline.config import Clock, PipelineConfig
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings

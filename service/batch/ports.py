@@ -25,6 +25,10 @@ class Promotions(Protocol):
         """When the first of these is due (epoch seconds)."""
         ...
 
+    def mark_message(self, record: dict[str, Any]) -> tuple[str, bytes]:
+        """The KV put (subject, payload) that marks this intake message as ended."""
+        ...
+
     async def taken(self) -> set[str]:
         """Keys of intake messages answered by promotion (state/promoted.py)."""
         ...

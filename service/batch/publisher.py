@@ -325,6 +325,10 @@ class Publisher:
         else:
             assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
             out.append((self.subjects.dlq(handler), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id}))
+            if data.get("deadline") and self.promotions is not None:
+                # ended here: a promotion scheduled for it must not answer it again (an
+                # ok ending needs no mark: the store holds it under this intake seq)
+                out.append((*self.promotions.mark_message(item), {}))
         headers = ending.headers
         if tracing.enabled(self.tracer):
             # The far side of the batch hop: continue the item's trace from its intake span.

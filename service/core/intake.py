@@ -1,15 +1,21 @@
 """What a source hands the pipeline, and what the pipeline hands back for the buffer
 stream: plain data, no I/O. Sources and sinks depend on this module, never on the
-pipeline itself."""
+pipeline itself. Also the pure steps between them: parsing an intake message once
+(:func:`prepare`) and a batch-routed item's buffer message (:func:`buffer_write`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from handlers import HandlerSpec
+from service.core import fastjson
 from service.core.errors import BadItemError
-from service.core.items import Item
+from service.core.events import iso
+from service.core.items import Item, decode_object, item_from_object
+from service.core.routing import BatchRoute
 
 
 @dataclass(frozen=True)
@@ -53,3 +59,71 @@ class DeferError(Exception):
         super().__init__(reason)
         self.delay_s = delay_s
         self.reason = reason
+
+
+def prepare(
+    intake: Intake, registry: Mapping[str, HandlerSpec], *, max_item_bytes: int, max_tokens_param: str
+) -> Prepared:
+    """Parse and validate, once. Errors in this order: size (and JSON), handler,
+    content, template; the item is kept whenever it could be parsed."""
+    try:
+        data = decode_object(intake.raw, max_bytes=max_item_bytes)
+    except BadItemError as exc:
+        return Prepared(intake, None, None, exc)
+    item: Item | None = None
+    item_error: BadItemError | None = None
+    try:
+        item = item_from_object(data, intake.handler)
+    except BadItemError as exc:
+        item_error = exc
+    spec = registry.get(intake.handler)
+    if spec is None:
+        return Prepared(
+            intake, item, None, BadItemError("unknown_handler", f"no handler named {intake.handler!r}")
+        )
+    if item is None:
+        return Prepared(intake, None, None, item_error)
+    try:
+        body = spec.build_body(item, max_tokens_param=max_tokens_param)
+    except BadItemError as exc:
+        return Prepared(intake, item, None, exc)
+    return Prepared(intake, item, body)
+
+
+def too_large_to_buffer(size: int, max_message_bytes: int) -> BadItemError:
+    return BadItemError(
+        "item_too_large",
+        f"item needs a {size}-byte buffer message; NATS takes at most {max_message_bytes} "
+        f"(the server's max_payload less headers): send it on enrich.sync, or raise max_payload",
+    )
+
+
+def buffer_write(
+    intake: Intake, item: Item, decision: BatchRoute, *, traceparent: str | None = None
+) -> BufferWrite:
+    """The buffer message of a batch-routed item; its Nats-Msg-Id makes a redelivered
+    intake message's second write a duplicate JetStream drops."""
+    record = buffer_record(intake, item, decision)
+    if traceparent:
+        record["traceparent"] = traceparent
+    return BufferWrite(
+        item.handler,
+        decision.key.subject_token(),
+        fastjson.dumps(record),
+        f"{item.handler}:{item.id}:{intake.seq}",
+        item.deadline,
+    )
+
+
+def buffer_record(intake: Intake, item: Item, decision: BatchRoute) -> dict[str, Any]:
+    """What a batched item's buffer message holds: enough to send it in a batch and to
+    answer it later without the intake message. The request body is not kept (it holds
+    the text a second time): the flush builds it from the item (core/flush_plan.py, request_body)."""
+    return {
+        "handler": item.handler,
+        "item": item.to_dict(),
+        "endpoint": decision.key.endpoint,
+        "model": decision.key.model,
+        "received_at": iso(intake.received_at),
+        "intake_seq": intake.seq,
+    }

@@ -11,39 +11,44 @@ import collections
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
 
 from handlers import HandlerSpec
 from service import failpoints
-from service.core import endings, fastjson
-from service.core import retry as retry_core
+from service.core import endings
 from service.core.budget import seconds_until_next_day
-from service.core.cost import Price, supports_flex
-from service.core.errors import BadItemError, EnrichError, ErrorInfo
-from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome, iso
-from service.core.intake import BufferWrite, DeferError, Intake, Prepared
-from service.core.items import Item, decode_object, item_from_object
+from service.core.cost import supports_flex
+from service.core.errors import EnrichError, ErrorInfo
+from service.core.events import Outcome
+from service.core.intake import (
+    BufferWrite,
+    DeferError,
+    Intake,
+    Prepared,
+    buffer_record,
+    buffer_write,
+    prepare,
+    too_large_to_buffer,
+)
+from service.core.items import Item
 from service.core.routing import (
     BatchRoute,
     BufferKey,
     FlexRoute,
     Route,
-    RoutingRules,
-    deadline_route,
     flex_allowed,
     route,
 )
 from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
+from service.pipeline.config import Clock, PipelineConfig, utcnow
 from service.pipeline.counters import Counters
 from service.pipeline.finish import Finish
-from service.pipeline.packer import DEFAULT_LINGER_S, Packer, PackLimits
+from service.pipeline.packer import Packer
 from service.pipeline.ports import Alerts, Ledger, Limiter, Provider, Sink, Store
-from service.pipeline.promote import Promoter
+from service.pipeline.promote import PromotedAnswer, Promoter
 from service.pipeline.sync_call import SyncCall
 from service.state.budget import BudgetExhaustedError
 from service.state.promoted import PromotedMarks
@@ -52,31 +57,6 @@ from service.state.results import StoredResult
 log = logging.getLogger("enrichd.pipeline")
 
 __all__ = ["Clock", "Counters", "Pipeline", "PipelineConfig", "buffer_record", "buffer_write", "utcnow"]
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    registry: dict[str, HandlerSpec]
-    rules: RoutingRules
-    retry: retry_core.RetryPolicy
-    prices: dict[str, Price]
-    batch_discount: float
-    max_item_bytes: int
-    max_tokens_param: str = "max_completion_tokens"
-    # The largest message the daemon may write (the server's max_payload, less room for
-    # headers): an item whose buffer record would not fit is ``item_too_large`` at intake.
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    # Packing on the sync route (pipeline/packer.py): the limits a pack fits, the linger.
-    pack_limits: PackLimits = PackLimits()
-    pack_linger_s: float = DEFAULT_LINGER_S
-    intake_prefix: str = "enrich.in."  # the intake subject of a handler is this + its name
-
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Pipeline:
@@ -150,7 +130,15 @@ class Pipeline:
         )
         self.promoter: Promoter | None = None
         if marks is not None:
-            self.promoter = Promoter(answer=self._promote, marks=marks, rules=config.rules, clock=clock)
+            answer = PromotedAnswer(
+                config=config,
+                store=store,
+                clock=clock,
+                flex=self._flex,
+                packer=self._packer,
+                finish=self._finish,
+            )
+            self.promoter = Promoter(answer=answer, marks=marks, rules=config.rules, clock=clock)
         # (handler, id) -> the call in flight and the intake sequence it answers
         self._sync_flights: dict[
             tuple[str, str], tuple[asyncio.Future[dict[str, Any] | None], int | None]
@@ -159,30 +147,13 @@ class Pipeline:
     # -- entry points -------------------------------------------------------------------
 
     def prepare(self, intake: Intake) -> Prepared:
-        """Parse and validate, once. Errors in this order: size (and JSON), handler,
-        content, template; the item is kept whenever it could be parsed."""
-        try:
-            data = decode_object(intake.raw, max_bytes=self.config.max_item_bytes)
-        except BadItemError as exc:
-            return Prepared(intake, None, None, exc)
-        item: Item | None = None
-        item_error: BadItemError | None = None
-        try:
-            item = item_from_object(data, intake.handler)
-        except BadItemError as exc:
-            item_error = exc
-        spec = self.config.registry.get(intake.handler)
-        if spec is None:
-            return Prepared(
-                intake, item, None, BadItemError("unknown_handler", f"no handler named {intake.handler!r}")
-            )
-        if item is None:
-            return Prepared(intake, None, None, item_error)
-        try:
-            body = spec.build_body(item, max_tokens_param=self.config.max_tokens_param)
-        except BadItemError as exc:
-            return Prepared(intake, item, None, exc)
-        return Prepared(intake, item, body)
+        """Parse and validate, once (service/core/intake.py, ``prepare``)."""
+        return prepare(
+            intake,
+            self.config.registry,
+            max_item_bytes=self.config.max_item_bytes,
+            max_tokens_param=self.config.max_tokens_param,
+        )
 
     def buffer_now(self, intake: Intake) -> BufferWrite | Prepared:
         """Intake's fast path, with no I/O: a good item routed to a batch buffer gets its
@@ -355,55 +326,6 @@ class Pipeline:
         )
         return await self._finish.finish(outcome, item=prepared.item, intake=intake)
 
-    # -- promotion (pipeline/promote.py) ---------------------------------------------------
-
-    async def _promote(self, record: dict[str, Any]) -> bool:
-        """Answer a buffered (or batched) item now, on the cheapest route that can still
-        meet its deadline, as its intake message's ending. False when it was not answered
-        here (its handler is gone, its request cannot be built, the budget is spent, or
-        it is answered already): the batch path keeps it."""
-        handler = record["handler"]
-        spec = self.config.registry.get(handler)
-        if spec is None:
-            return False
-        try:
-            item = item_from_object(record["item"], handler)
-            body = spec.build_body(item, max_tokens_param=self.config.max_tokens_param)
-        except EnrichError:
-            return False  # the flush ends it with that error
-        seq = record.get("intake_seq")
-        stored = await self.store.get(handler, item.id, spec.version)
-        if stored is not None and stored.intake_seq == seq and seq is not None:
-            return True  # this very message is answered (a promotion before a crash)
-        assert item.deadline is not None
-        decision = deadline_route(
-            item.deadline, now=self.clock(), rules=self.config.rules, flex=self._flex[handler]
-        )
-        tier = "flex" if isinstance(decision, FlexRoute) else "sync"
-        intake = Intake(
-            raw=b"",
-            handler=handler,
-            subject=self.config.intake_prefix + handler,
-            received_at=datetime.fromisoformat(record["received_at"].replace("Z", "+00:00")),
-            seq=seq,
-        )
-        try:
-            # promoted together (a buffer's worth of deadlines), items of a packing handler share requests
-            outcome = await self._packer.run(spec, item, body, received_at=intake.received_at, route=tier)
-        except BudgetExhaustedError:
-            return False
-        await self._finish.finish(outcome, item=item, intake=intake)
-        log.info(
-            "promoted",
-            extra={
-                "item_id": item.id,
-                "handler": handler,
-                "route": outcome.route,
-                "deadline": iso(item.deadline),
-            },
-        )
-        return True
-
     # -- the batch route ------------------------------------------------------------------
 
     async def _buffer(
@@ -418,7 +340,9 @@ class Pipeline:
             # The batch hop: the result span will continue this trace (see service/tracing.py).
             write = buffer_write(prepared.intake, item, decision, traceparent=tracing.current_traceparent())
             if len(write.payload) > self.config.max_message_bytes:
-                return await self._finish_bad(prepared, too_large_to_buffer(len(write.payload), self.config))
+                return await self._finish_bad(
+                    prepared, too_large_to_buffer(len(write.payload), self.config.max_message_bytes)
+                )
             [stored] = await self._store_buffered([write])
         if not stored:  # the source NAKs the intake message: it comes back later
             raise RuntimeError(f"buffer write for {item.handler}:{item.id} was not stored")
@@ -435,42 +359,3 @@ class Pipeline:
         if self._on_buffered is not None and any(stored):
             self._on_buffered()
         return stored
-
-
-def too_large_to_buffer(size: int, config: PipelineConfig) -> BadItemError:
-    return BadItemError(
-        "item_too_large",
-        f"item needs a {size}-byte buffer message; NATS takes at most {config.max_message_bytes} "
-        f"(the server's max_payload less headers): send it on enrich.sync, or raise max_payload",
-    )
-
-
-def buffer_write(
-    intake: Intake, item: Item, decision: BatchRoute, *, traceparent: str | None = None
-) -> BufferWrite:
-    """The buffer message of a batch-routed item; its Nats-Msg-Id makes a redelivered
-    intake message's second write a duplicate JetStream drops."""
-    record = buffer_record(intake, item, decision)
-    if traceparent:
-        record["traceparent"] = traceparent
-    return BufferWrite(
-        item.handler,
-        decision.key.subject_token(),
-        fastjson.dumps(record),
-        f"{item.handler}:{item.id}:{intake.seq}",
-        item.deadline,
-    )
-
-
-def buffer_record(intake: Intake, item: Item, decision: BatchRoute) -> dict[str, Any]:
-    """What a batched item's buffer message holds: enough to send it in a batch and to
-    answer it later without the intake message. The request body is not kept (it holds
-    the text a second time): the flush builds it from the item (core/flush_plan.py, request_body)."""
-    return {
-        "handler": item.handler,
-        "item": item.to_dict(),
-        "endpoint": decision.key.endpoint,
-        "model": decision.key.model,
-        "received_at": iso(intake.received_at),
-        "intake_seq": intake.seq,
-    }

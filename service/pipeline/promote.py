@@ -21,14 +21,22 @@ import asyncio
 import heapq
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from service.aio import reraise_if_cancelled
 from service.core import fastjson
-from service.core.items import parse_deadline
-from service.core.routing import RoutingRules, promote_due
+from service.core.errors import EnrichError
+from service.core.events import iso
+from service.core.intake import Intake
+from service.core.items import item_from_object, parse_deadline
+from service.core.routing import FlexRoute, RoutingRules, deadline_route, promote_due
+from service.pipeline.config import PipelineConfig
+from service.pipeline.finish import Finish
+from service.pipeline.packer import Packer
+from service.pipeline.ports import Store
+from service.state.budget import BudgetExhaustedError
 from service.state.promoted import PromotedMarks, promotion_key
 
 log = logging.getLogger("enrichd.promote")
@@ -90,6 +98,9 @@ class Promoter:
     async def taken(self) -> set[str]:
         return await self._marks.taken()
 
+    def mark_message(self, record: dict[str, Any]) -> tuple[str, bytes]:
+        return self._marks.mark_message(record_key(record))
+
     def wanted(self, record: dict[str, Any] | bytes, *, due: datetime | None = None) -> None:
         """Promote this buffer record at ``due`` (now when None)."""
         decoded = fastjson.loads(record) if isinstance(record, bytes) else record
@@ -148,3 +159,70 @@ class Promoter:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class PromotedAnswer:
+    """The promoter's ``answer``: one buffered (or batched) item answered now, on the
+    cheapest route that can still meet its deadline, as its intake message's ending.
+    False when it was not answered here (its handler is gone, its request cannot be
+    built, or the budget is spent): the batch path keeps it."""
+
+    def __init__(
+        self,
+        *,
+        config: PipelineConfig,
+        store: Store,
+        clock: Callable[[], datetime],
+        flex: Mapping[str, bool],
+        packer: Packer,
+        finish: Finish,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._flex = flex
+        self._packer = packer
+        self._finish = finish
+
+    async def __call__(self, record: dict[str, Any]) -> bool:
+        handler = record["handler"]
+        spec = self._config.registry.get(handler)
+        if spec is None:
+            return False
+        try:
+            item = item_from_object(record["item"], handler)
+            body = spec.build_body(item, max_tokens_param=self._config.max_tokens_param)
+        except EnrichError:
+            return False  # the flush ends it with that error
+        seq = record.get("intake_seq")
+        stored = await self._store.get(handler, item.id, spec.version)
+        if stored is not None and stored.intake_seq == seq and seq is not None:
+            return True  # this very message is answered (a promotion before a crash)
+        assert item.deadline is not None
+        decision = deadline_route(
+            item.deadline, now=self._clock(), rules=self._config.rules, flex=self._flex.get(handler, False)
+        )
+        tier = "flex" if isinstance(decision, FlexRoute) else "sync"
+        intake = Intake(
+            raw=b"",
+            handler=handler,
+            subject=self._config.intake_prefix + handler,
+            received_at=datetime.fromisoformat(record["received_at"].replace("Z", "+00:00")),
+            seq=seq,
+        )
+        try:
+            # promoted together (a buffer's worth of deadlines), a packing handler's items share requests
+            outcome = await self._packer.run(spec, item, body, received_at=intake.received_at, route=tier)
+        except BudgetExhaustedError:
+            return False
+        await self._finish.finish(outcome, item=item, intake=intake)
+        log.info(
+            "promoted",
+            extra={
+                "item_id": item.id,
+                "handler": handler,
+                "route": outcome.route,
+                "deadline": iso(item.deadline),
+            },
+        )
+        return True

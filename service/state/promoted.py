@@ -22,12 +22,20 @@ def promotion_key(handler: str, item_id: str, intake_seq: int | None) -> str:
 
 
 class PromotedMarks:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, bucket: str) -> None:
         self._kv = kv
+        self._bucket = bucket
 
     @classmethod
     async def open(cls, js: JetStreamContext, suffix: str, *, replicas: int, ttl_s: float) -> PromotedMarks:
-        return cls(await open_kv(js, f"{suffix}_PROMOTED", replicas=replicas, ttl_s=ttl_s))
+        bucket = f"{suffix}_PROMOTED"
+        return cls(await open_kv(js, bucket, replicas=replicas, ttl_s=ttl_s), bucket)
+
+    def mark_message(self, key: str) -> tuple[str, bytes]:
+        """Subject and payload of a mark, for a publisher that pipelines its writes: the
+        batch path marks an item with a deadline that it ended with an error, so that a
+        promotion scheduled for it later does not answer it a second time."""
+        return f"$KV.{self._bucket}.{key}", b"1"
 
     async def mark(self, key: str) -> None:
         await self._kv.put(key, b"1")

@@ -157,3 +157,24 @@ async def test_an_item_inside_a_batch_near_its_deadline_is_promoted_once(
         emulator.set_faults(FaultConfig())
     assert sorted(e["id"] for e in out) == ["inbatch", "other"]
     assert daemon.batcher.publisher.tally["promoted"] == 1
+
+
+async def test_an_item_the_batch_ended_with_an_error_is_not_promoted_afterwards(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    emulator.reset_stats()
+    daemon = await make_daemon(
+        **_settings(promote_margin_s=290),
+        batching={"max_latency_s": 30, "max_wait_s": 0.3, "poll_interval_s": 0.2},
+    )
+    js = nc.jetstream()
+    # buffered (its deadline is past the batch path's 30 s), flushed at once, and refused
+    # by the model in the batch: an error ending, 10 s before its promotion would be due
+    item = {"id": "refused", "text": "no [[emulator:refusal]]", "deadline": _deadline(300)}
+    await publish_items(js, f"{prefix}.in.tags", [item])
+    [event] = await _out(js, daemon, prefix, 1, timeout_s=20)
+    assert event["status"] == "error" and event["route"] == "batch"
+    await asyncio.sleep(14)  # past the time it was due for promotion
+    out = await _out(js, daemon, prefix, 2, timeout_s=2)
+    assert len(out) == 1  # no second answer for that intake message
+    assert emulator.stats["requests_by_tier"] == {}  # no sync or flex call was made for it
