@@ -32,8 +32,8 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## Benchmarks: the seven ratio benchmarks (bench/results.json, docs/benchmarks.md), then the
-## 100,000-line JSONL drop's peak RSS (docs/folders.md). About 6 minutes on 2 cores. The
+## Benchmarks: the nine ratio benchmarks (bench/results.json, docs/benchmarks.md), then the
+## 100,000-line JSONL drop's peak RSS (docs/folders.md). About 8 minutes on 2 cores. The
 ## three-replica rate-limit run (about 3 minutes) is `make bench-ratelimit`.
 bench: $(STAMP)
 	$(BIN)/python -m bench.ratios
