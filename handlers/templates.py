@@ -59,7 +59,7 @@ class Placeholder:
     def value(self, values: Mapping[str, str], steps: Mapping[str, Any] | None) -> str | None:
         """The rendered value, or None when there is none (absent, or null)."""
         if self.step is None:
-            return values.get(self.field) if self.field is not None else None
+            return values.get(self.name)
         result = steps.get(self.step) if steps else None
         if self.field is not None:
             result = result.get(self.field) if isinstance(result, dict) else None
@@ -87,6 +87,7 @@ class _Line:
     parts: tuple[Part, ...]
     elidable: bool  # holds placeholders, all optional: left out when they all render empty
     blank: bool  # no placeholders, only whitespace
+    slots: tuple[int, ...]  # where in ``parts`` the placeholders are
 
 
 @dataclass(frozen=True)
@@ -126,25 +127,12 @@ class Template:
         a value."""
         missing: list[str] = []
         if self._flat is not None:
-            out = "".join(self._part(p, values, steps, missing) for p in self._flat)
+            out = "".join(_fill(self._flat, values, steps, missing))
         else:
             out = self._render_lines(values, steps, missing)
         if missing:
             raise MissingValuesError(tuple(sorted(set(missing))))
         return out
-
-    @staticmethod
-    def _part(
-        part: Part, values: Mapping[str, str], steps: Mapping[str, Any] | None, missing: list[str]
-    ) -> str:
-        if isinstance(part, str):
-            return part
-        value = part.value(values, steps)
-        if value is None:
-            if not part.optional:
-                missing.append(part.name)
-            return ""
-        return value
 
     def _render_lines(
         self, values: Mapping[str, str], steps: Mapping[str, Any] | None, missing: list[str]
@@ -153,22 +141,46 @@ class Template:
         last_blank = True  # the start counts as a blank line: a run left out there takes the next one
         in_run = run_after_blank = False
         for line in self._lines:
-            rendered = [self._part(p, values, steps, missing) for p in line.parts]
-            if line.elidable and not any(
-                r for r, p in zip(rendered, line.parts, strict=True) if not isinstance(p, str)
-            ):
-                if not in_run:
-                    in_run, run_after_blank = True, last_blank
-                continue
-            if in_run:
-                in_run = False
-                if run_after_blank and line.blank:
+            if line.elidable:
+                rendered = _fill(line.parts, values, steps, missing)
+                for i in line.slots:
+                    if rendered[i]:
+                        break
+                else:  # every placeholder of the line is empty: leave it out
+                    if not in_run:
+                        in_run, run_after_blank = True, last_blank
+                    continue
+                text = "".join(rendered)
+            elif line.blank:
+                if in_run and run_after_blank:
+                    in_run = False
                     continue  # the blank lines around the run merge into the one before it
-            out.append("".join(rendered))
+                text = "".join(_fill(line.parts, values, steps, missing))
+            else:
+                text = "".join(_fill(line.parts, values, steps, missing))
+            in_run = False
+            out.append(text)
             last_blank = line.blank
         if in_run and run_after_blank and out and last_blank:
             out.pop()  # a run at the end takes the blank line before it
         return "\n".join(out)
+
+
+def _fill(
+    parts: tuple[Part, ...], values: Mapping[str, str], steps: Mapping[str, Any] | None, missing: list[str]
+) -> list[str]:
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        value = values.get(part.name) if part.step is None else part.value(values, steps)
+        if value is None:
+            if not part.optional:
+                missing.append(part.name)
+            value = ""
+        out.append(value)
+    return out
 
 
 @functools.lru_cache(maxsize=256)  # templates are few; rendered once per item
@@ -224,18 +236,18 @@ def _placeholder(inner: str) -> Placeholder:
     name = inner[:-1] if optional else inner
     head, _, rest = name.partition(".")
     if head == STEPS:
-        step, _, step_field = rest.partition(".")
-        if not step:
+        names = rest.split(".") if rest else []
+        if not names:
             raise TemplateError(
                 f"placeholder {{{inner}}} names no step: write {{steps.<handler>}} or "
                 "{steps.<handler>.<field>}"
             )
-        if not _STEP_RE.match(step) or (step_field and not _STEP_RE.match(step_field)):
+        if len(names) > 2 or not all(_STEP_RE.match(n) for n in names):
             raise TemplateError(
                 f"placeholder {{{inner}}}: a step is named {{steps.<handler>}} or "
                 "{steps.<handler>.<field>}, each name letters, digits, '_' and '-' (no deeper fields)"
             )
-        return Placeholder(name, step_field or None, step, optional)
+        return Placeholder(name, names[1] if len(names) == 2 else None, names[0], optional)
     if not _FIELD_RE.match(name):
         raise TemplateError(
             f"placeholder {{{inner}}} must be a plain name such as {{text}} or {{title}} "
@@ -261,7 +273,8 @@ def _lines(parts: list[Part]) -> tuple[_Line, ...]:
         holders = [p for p in line if isinstance(p, Placeholder)]
         elidable = bool(holders) and all(p.optional for p in holders)
         blank = not holders and not "".join(p for p in line if isinstance(p, str)).strip()
-        out.append(_Line(tuple(line), elidable, blank))
+        slots = tuple(i for i, p in enumerate(line) if isinstance(p, Placeholder))
+        out.append(_Line(tuple(line), elidable, blank, slots))
     return tuple(out)
 
 
