@@ -120,6 +120,23 @@ class Template:
         """Names of the earlier steps whose results the template uses."""
         return frozenset(p.step for p in self.step_refs if p.step is not None)
 
+    @functools.cached_property
+    def static_prefix(self) -> str:
+        """The literal text before the first placeholder that renderings start with, cut
+        back to its last line break when the first placeholder's line can be left out
+        (``"Intro.\n\nSubject: {subject?}…"`` → ``"Intro.\n\n"``); "" when only whitespace
+        comes before it. What a pack of items can state once for all of them (check that
+        a rendering starts with it: a template of nothing but the prefix and lines left
+        out renders shorter)."""
+        prefix = ""
+        for line in self._lines:
+            if line.slots:
+                if not line.elidable:
+                    prefix += _literal(line.parts[: line.slots[0]])
+                return prefix if prefix.strip() else ""
+            prefix += _literal(line.parts) + "\n"
+        return ""  # no placeholder at all
+
     def render(self, values: Mapping[str, str], steps: Mapping[str, Any] | None = None) -> str:
         """Fill the template. ``values``: the item's fields and ``text``; ``steps``: earlier
         steps' results by handler name (a string for a text result, a dict for a structured
@@ -164,6 +181,10 @@ class Template:
         if in_run and run_after_blank and out and last_blank:
             out.pop()  # a run at the end takes the blank line before it
         return "\n".join(out)
+
+
+def _literal(parts: tuple[Part, ...]) -> str:
+    return "".join(p for p in parts if isinstance(p, str))
 
 
 def _fill(

@@ -160,6 +160,25 @@ def test_the_template_says_what_it_references() -> None:
     assert template_fields("{a} {b?} {steps.c.d}") == {"a", "b"}
 
 
+@pytest.mark.parametrize(
+    ("template", "prefix"),
+    [
+        ("Intro.\n\n{title?}\nSubject: {subject?}\n\n{text}", "Intro.\n\n"),
+        ("Tag this.\nSubject: {subject?}\n\n{text}", "Tag this.\n"),  # not the optional line's label
+        ("Summarise the note titled {title}:\n\n{text}", "Summarise the note titled "),
+        ("Subject: {subject?}\n{text}", ""),
+        ("  \n{text}", ""),
+        ("{{x}} {text}", "{x} "),
+        ("no placeholder", ""),
+    ],
+)
+def test_static_prefix(template: str, prefix: str) -> None:
+    t = parse_template(template)
+    assert t.static_prefix == prefix
+    for values in ({"text": "b", "title": ""}, {"text": "b", "title": "T", "subject": "S"}):
+        assert t.render(values).startswith(prefix)
+
+
 def test_parsing_is_cached() -> None:
     assert parse_template("{text} once") is parse_template("{text} once")
     gist = spec("{title?} {text}")
@@ -315,6 +334,7 @@ def test_builtins_pack_their_instructions_once_and_keep_the_header() -> None:
     email = Item(id="1", handler="tags", text="body", fields={"subject": "Hi", "from": "a@b"})
     for name in CHAT_BUILTINS:
         assert packing.static_instructions(REG[name].prompt) == _instructions(name) + "\n\n", name
+        assert REG[name].template.static_prefix == _instructions(name) + "\n\n", name
         assert packing.item_block(REG[name], Item(id="1", handler=name, text="body")) == "body"
     assert packing.item_block(REG["tags"], email) == "Subject: Hi\n\nbody"
 
