@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from handlers.base import MAX_PACK, HandlerSpec, TemplateError, template_fields
+from handlers.base import MAX_PACK, HandlerSpec
 from handlers.builtin import builtin_definitions
+from handlers.templates import Template, TemplateError, parse_template, render_value, template_fields
 
-__all__ = ["HandlerSpec", "TemplateError", "build_registry", "template_fields"]
+__all__ = [
+    "HandlerConfigError",
+    "HandlerSpec",
+    "Template",
+    "TemplateError",
+    "build_registry",
+    "parse_template",
+    "render_value",
+    "template_fields",
+]
 
 HANDLER_KEYS = frozenset(
     {
@@ -61,10 +71,20 @@ def _from_env_strings(table: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_registry(
-    overrides: Mapping[str, Mapping[str, Any]], *, chat_model: str, embedding_model: str
+    overrides: Mapping[str, Mapping[str, Any]],
+    *,
+    chat_model: str,
+    embedding_model: str,
+    step_handlers: Collection[str] = (),
 ) -> dict[str, HandlerSpec]:
     """Built-ins, then each ``[handlers.NAME]`` table merged over the built-in of that name
-    (or over plain chat defaults for a new handler)."""
+    (or over plain chat defaults for a new handler).
+
+    ``step_handlers``: the handlers that run as a step of some pipeline. Only those may
+    name earlier steps' results (``{steps.…}``) in their prompt; any other handler has no
+    earlier steps, so such a prompt is refused (``handlers.<name>.prompt``). Whether each
+    reference is to a step that runs before is the pipeline's check
+    (:meth:`HandlerSpec.step_ref_problem`)."""
     definitions = builtin_definitions(chat_model, embedding_model)
     names = list(definitions) + [n for n in overrides if n not in definitions]
     registry: dict[str, HandlerSpec] = {}
@@ -96,9 +116,17 @@ def build_registry(
         if "flex" in table and not isinstance(table["flex"], bool):
             raise HandlerConfigError(f"handlers.{name}.flex", "must be true or false")
         try:
-            registry[name] = HandlerSpec(name=name, **base)
+            spec = HandlerSpec(name=name, **base)
         except TemplateError as exc:
             raise HandlerConfigError(f"handlers.{name}.prompt", str(exc)) from None
         except (TypeError, ValueError) as exc:
             raise HandlerConfigError(f"handlers.{name}", str(exc).splitlines()[0]) from None
+        if spec.template.step_refs and name not in step_handlers:
+            ref = spec.template.step_refs[0]
+            raise HandlerConfigError(
+                f"handlers.{name}.prompt",
+                f"{ref.written} is an earlier pipeline step's result, but {name!r} is no step of "
+                "any pipeline (a handler fed on its own has no earlier steps)",
+            )
+        registry[name] = spec
     return registry

@@ -11,40 +11,26 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import jsonschema
 
+from handlers.templates import (
+    MissingValuesError,
+    Template,
+    TemplateError,
+    parse_template,
+    template_fields,
+)
 from service.core.errors import BadItemError, InvalidOutputError
 from service.core.items import Item
 
 Endpoint = Literal["/v1/chat/completions", "/v1/embeddings"]
 MAX_PACK = 100
 
-
-class TemplateError(ValueError):
-    """A prompt template that cannot be used (bad braces, positional fields)."""
-
-
-@functools.lru_cache(maxsize=256)  # templates are few; rendered once per item
-def template_fields(template: str) -> frozenset[str]:
-    """The placeholder names of a ``str.format`` template; raises :class:`TemplateError`."""
-    names: set[str] = set()
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise TemplateError(f"bad template: {exc}") from None
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier():
-            raise TemplateError(f"placeholder {{{name}}} must be a plain name such as {{text}} or {{title}}")
-        if spec or conversion:
-            raise TemplateError(f"placeholder {{{name}}} may not carry a format spec or conversion")
-        names.add(name)
-    return frozenset(names)
+__all__ = ["MAX_PACK", "HandlerSpec", "TemplateError", "template_fields"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +51,7 @@ class HandlerSpec:
     flex: bool | None = None  # None: as routing.flex says; True: must be able to go flex
 
     def __post_init__(self) -> None:
-        template_fields(self.prompt)
+        parse_template(self.prompt)
         if not isinstance(self.pack, int) or isinstance(self.pack, bool) or not 1 <= self.pack <= MAX_PACK:
             raise ValueError(f"pack must be a whole number from 1 to {MAX_PACK}, got {self.pack!r}")
         if self.pack > 1 and self.is_embedding:
@@ -113,28 +99,81 @@ class HandlerSpec:
     def is_embedding(self) -> bool:
         return self.endpoint == "/v1/embeddings"
 
-    def render_prompt(self, item: Item) -> str:
-        """Fill the template from ``text`` and ``fields``; a missing field is a bad item."""
-        values = {**item.fields, "text": item.text}
-        missing = sorted(template_fields(self.prompt) - values.keys())
-        if missing:
-            raise BadItemError(
-                "missing_template_field",
-                f"handler {self.name!r} needs field(s) {', '.join(missing)} in 'fields'",
-            )
-        return self.prompt.format_map(values)
+    @functools.cached_property
+    def template(self) -> Template:
+        """The parsed ``prompt`` (:mod:`handlers.templates`)."""
+        return parse_template(self.prompt)
 
-    def build_body(self, item: Item, *, max_tokens_param: str = "max_completion_tokens") -> dict[str, Any]:
-        """The request body for the provider (sync call or batch line)."""
+    def render_prompt(self, item: Item, steps: Mapping[str, Any] | None = None) -> str:
+        """Fill the template from ``text`` and ``fields`` (and, for a pipeline step, the
+        earlier steps' results by handler name); a missing required value is a bad item."""
+        values = {**item.fields, "text": item.text} if item.fields else {"text": item.text}
+        try:
+            return self.template.render(values, steps)
+        except MissingValuesError as exc:
+            raise BadItemError("missing_template_field", self._missing_message(exc.names)) from None
+
+    def _missing_message(self, names: tuple[str, ...]) -> str:
+        fields = [n for n in names if not n.startswith("steps.")]
+        steps = [n for n in names if n.startswith("steps.")]
+        parts = []
+        if fields:
+            parts.append(f"field(s) {', '.join(fields)} in 'fields'")
+        if steps:
+            parts.append(f"the result(s) of earlier pipeline step(s) {', '.join(steps)}")
+        return f"handler {self.name!r} needs {' and '.join(parts)}"
+
+    @property
+    def result_fields(self) -> frozenset[str] | None:
+        """The fields of this handler's result that a later step may name as
+        ``{steps.<handler>.<field>}``; None for a text result (no fields; only the whole)."""
         if self.is_embedding:
-            body: dict[str, Any] = {"model": self.model, "input": self.render_prompt(item)}
+            return frozenset({"embedding", "dimensions"})
+        if isinstance(self.output, dict):
+            return frozenset(self.output.get("properties") or {})
+        return None
+
+    def step_ref_problem(self, earlier: Mapping[str, HandlerSpec]) -> str | None:
+        """For a pipeline validator: the first ``{steps.…}`` of the template that cannot be
+        filled from ``earlier`` (the handlers of the steps that run before this one, by
+        name), as a message; None when every reference can be."""
+        for ref in self.template.step_refs:
+            assert ref.step is not None
+            written = ref.written
+            before = earlier.get(ref.step)
+            if before is None:
+                return f"{written} names {ref.step!r}, which is no step that runs before {self.name!r}"
+            if ref.field is None:
+                continue
+            known = before.result_fields
+            if known is None:
+                return (
+                    f"{written}: {ref.step!r} gives a text result, which has no fields "
+                    f"(use {{steps.{ref.step}}})"
+                )
+            if known and ref.field not in known:
+                have = ", ".join(sorted(known))
+                return f"{written}: {ref.step!r}'s result has no field {ref.field!r} (it has {have})"
+        return None
+
+    def build_body(
+        self,
+        item: Item,
+        *,
+        max_tokens_param: str = "max_completion_tokens",
+        steps: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The request body for the provider (sync call or batch line); ``steps`` as for
+        :meth:`render_prompt`."""
+        if self.is_embedding:
+            body: dict[str, Any] = {"model": self.model, "input": self.render_prompt(item, steps)}
             if self.dimensions is not None:
                 body["dimensions"] = self.dimensions
             return body
         messages: list[dict[str, str]] = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
-        messages.append({"role": "user", "content": self.render_prompt(item)})
+        messages.append({"role": "user", "content": self.render_prompt(item, steps)})
         body = {"model": self.model, "messages": messages, max_tokens_param: self.max_output_tokens}
         if self.temperature is not None:
             body["temperature"] = self.temperature

@@ -41,7 +41,10 @@ def test_structured_body_uses_json_schema_response_format() -> None:
     assert body["max_completion_tokens"] == 80
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"]["required"] == ["tags"]
-    assert body["messages"][-1] == {"role": "user", "content": REG["tags"].prompt.format(text="hello")}
+    assert body["messages"][-1] == {
+        "role": "user",
+        "content": "Give one to eight short lowercase tags for the following text.\n\nhello",
+    }
     legacy = REG["tags"].build_body(Item(id="1", handler="tags", text="x"), max_tokens_param="max_tokens")
     assert "max_tokens" in legacy and "max_completion_tokens" not in legacy
 
