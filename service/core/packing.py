@@ -26,13 +26,13 @@ import functools
 import hashlib
 import json
 import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from handlers import HandlerSpec
 from handlers.base import schema_name, strict_compatible
+from handlers.templates import parse_template
 from service.core.cost import Usage, split_usage
 from service.core.errors import InvalidOutputError
 from service.core.items import Item
@@ -74,15 +74,10 @@ class PackLimits:
 
 @functools.lru_cache(maxsize=256)
 def static_instructions(prompt: str) -> str:
-    """The template's literal text before its first placeholder, when it has any text
-    and a placeholder follows: it is the same for every item, so a pack states it once."""
-    parsed = list(string.Formatter().parse(prompt))
-    if not parsed:
-        return ""
-    literal, name, _, _ = parsed[0]
-    if name is None or not literal.strip():
-        return ""
-    return literal
+    """The template's literal text that every rendering starts with (before its first
+    placeholder, cut back to a line break when that placeholder's line may be left out,
+    handlers/templates.py): the same for every item, so a pack states it once."""
+    return parse_template(prompt).static_prefix
 
 
 def system_message(spec: HandlerSpec) -> str:

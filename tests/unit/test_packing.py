@@ -203,3 +203,15 @@ def test_validate_reuses_the_handler_validator() -> None:
     assert REG["plain"].validate("  hi ") == "hi"
     with pytest.raises(InvalidOutputError):
         REG["plain"].validate({"not": "text"})
+
+
+def test_a_label_before_an_optional_field_stays_with_the_item() -> None:
+    from handlers import HandlerSpec
+    from service.core.items import Item
+    from service.core.packing import item_block, static_instructions
+
+    spec = HandlerSpec(name="t", model="m", prompt="Tag this.\nSubject: {subject?}\n\n{text}")
+    assert static_instructions(spec.prompt) == "Tag this.\n"
+    with_subject = Item(id="a", handler="t", text="body", fields={"subject": "Invoice"})
+    assert item_block(spec, with_subject) == "Subject: Invoice\n\nbody"
+    assert item_block(spec, Item(id="b", handler="t", text="body")) == "body"
