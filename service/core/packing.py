@@ -12,9 +12,10 @@ The wire format (docs/packing.md):
 - ``response_format``: a strict-able JSON schema ``{"answers": [{"id", "result"}]}``
   whose ``result`` is ``{"type": "string"}`` for text handlers, else the handler's schema.
 
-Keys: the items' own ids when every id of the pack is at most :data:`MAX_ID_KEY`
-characters (ids are unique within a pack: two items with the same id never share one),
-else ``1``..``n`` in prompt order. Each answer entry is validated like a single answer
+Keys: ``1``..``n`` in prompt order, each item's id within its pack (two items with the
+same id never share one). Not the items' own ids: every key is written once more in the
+answer, and output tokens cost several times input (``"3"`` is one token, an id such as
+``mix-00042`` four). Each answer entry is validated like a single answer
 (:meth:`HandlerSpec.validate`); a missing, repeated or invalid entry is an error for that
 item alone, a whole answer that cannot be read (not JSON, refused, cut off) is an error
 for the pack. Time and I/O stay outside: callers decide what to do with the errors.
@@ -39,7 +40,6 @@ from service.core.items import Item
 from service.core.tokens import count_chat_tokens, count_tokens
 
 KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MAX_ID_KEY = 24  # ids up to this long are their own key; longer ones (hashes) are numbered
 # Limits of gpt-4o-mini (and of the emulator): settings packing.context_tokens and
 # packing.max_output_tokens set them for the models a deployment uses.
 DEFAULT_CONTEXT_TOKENS = 128_000
@@ -163,10 +163,7 @@ def block_tokens(block: str) -> int:
 
 
 def pack_keys(ids: Sequence[str]) -> list[str]:
-    """The keys of a pack's items, in order: their ids when all are short (and, as
-    within any pack, distinct), else ``1``..``n``."""
-    if len(set(ids)) == len(ids) and all(len(i) <= MAX_ID_KEY and KEY_RE.match(i) for i in ids):
-        return list(ids)
+    """The keys of a pack's items, in order: ``1``..``n`` (the shortest answer keys)."""
     return [str(k) for k in range(1, len(ids) + 1)]
 
 

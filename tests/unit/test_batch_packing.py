@@ -76,9 +76,9 @@ def test_a_flush_packs_the_handler_that_packs_and_keeps_who_is_in_which_pack() -
     assert len(packs) == 10 and len(set(packs)) == 3
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cid) for cid, _ in lines)
     first = items[0]
-    assert first["pack_n"] == 4 and first["pack_key"] == "a0" and first["pack_weight"] > 0
+    assert first["pack_n"] == 4 and first["pack_key"] == "1" and first["pack_weight"] > 0
     body = first["body"]
-    assert [k for k, _ in ITEM_RE.findall(body["messages"][1]["content"])] == ["a0", "a1", "a2", "a3"]
+    assert [k for k, _ in ITEM_RE.findall(body["messages"][1]["content"])] == ["1", "2", "3", "4"]
     assert all("body" not in it for it in items[1:4])  # the pack's line is its first member's
     assert all("pack" not in it and "body" in it for it in items[10:])
     assert line_numbers(items) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 4]
@@ -99,7 +99,7 @@ def test_pack_answers_map_back_to_members_with_shares_that_add_up() -> None:
     keys = [it["pack_key"] for it in items]
     actions = pack_actions(REG["tags"], items, answer(keys, drop=2), status="completed", max_attempts=5)
     assert [type(a) for a in actions] == [Ok, Ok, Retry, Retry]
-    assert actions[0].result == {"tags": ["t-a0"]} and actions[0].packed == 4
+    assert actions[0].result == {"tags": ["t-1"]} and actions[0].packed == 4
     assert all(a.unpacked for a in actions[2:] if isinstance(a, Retry))
     assert sum((a.usage for a in actions), Usage(0, 0)) == Usage(300, 90)
     # no attempts left: the members it missed end with the error
