@@ -192,17 +192,7 @@ class HandlerSpec:
         """Read a provider response body into this handler's result, or raise InvalidOutputError."""
         if self.is_embedding:
             return _parse_embedding(response)
-        choices = response.get("choices") or []
-        if not choices:
-            raise InvalidOutputError("invalid_output", "the response has no choices")
-        choice = choices[0]
-        message = choice.get("message") or {}
-        if message.get("refusal"):
-            raise InvalidOutputError("refused", f"the model refused: {str(message['refusal'])[:200]}")
-        content = message.get("content")
-        finish = choice.get("finish_reason")
-        if not isinstance(content, str):
-            raise InvalidOutputError("invalid_output", "the response has no text content")
+        content, finish = chat_content(response)
         if self.output == "text":
             if finish == "length" and not content.strip():
                 raise InvalidOutputError("output_truncated", "the answer was cut off before any text")
@@ -235,6 +225,23 @@ class HandlerSpec:
                 "invalid_output", f"the answer does not match the schema at {where}: {errors[0].message}"
             )
         return value
+
+
+def chat_content(response: dict[str, Any]) -> tuple[str, str | None]:
+    """The text and ``finish_reason`` of a chat completion's first choice (a single or a
+    packed answer); raises InvalidOutputError when there is none, or the model refused."""
+    choices = response.get("choices") or []
+    if not choices:
+        raise InvalidOutputError("invalid_output", "the response has no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    if message.get("refusal"):
+        raise InvalidOutputError("refused", f"the model refused: {str(message['refusal'])[:200]}")
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise InvalidOutputError("invalid_output", "the response has no text content")
+    finish = choice.get("finish_reason")
+    return content, finish if isinstance(finish, str) else None
 
 
 def strict_compatible(schema: Any) -> bool:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers import HandlerSpec
-from handlers.base import schema_name, strict_compatible
+from handlers.base import chat_content, schema_name, strict_compatible
 from handlers.templates import parse_template
 from service.core.cost import Usage, split_usage
 from service.core.errors import InvalidOutputError
@@ -292,20 +292,11 @@ def parse_pack(spec: HandlerSpec, response: dict[str, Any], keys: Sequence[str])
     """Read a pack's response into one answer per key: the item's validated result, or
     an InvalidOutputError for that item (missing, answered twice, invalid). Raises
     InvalidOutputError when the whole answer cannot be read (every item goes alone)."""
-    choices = response.get("choices") or []
-    if not choices:
-        raise InvalidOutputError("invalid_output", "the response has no choices")
-    choice = choices[0]
-    message = choice.get("message") or {}
-    if message.get("refusal"):
-        raise InvalidOutputError("refused", f"the model refused: {str(message['refusal'])[:200]}")
-    content = message.get("content")
-    if not isinstance(content, str):
-        raise InvalidOutputError("invalid_output", "the response has no text content")
+    content, finish = chat_content(response)
     try:
         value = json.loads(content)
     except json.JSONDecodeError as exc:
-        if choice.get("finish_reason") == "length":
+        if finish == "length":
             raise InvalidOutputError(
                 "output_truncated", "the packed answer hit its max_output_tokens"
             ) from None
