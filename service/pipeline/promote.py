@@ -141,7 +141,7 @@ class Promoter:
         try:
             async with self._slots:
                 decoded = fastjson.loads(record) if isinstance(record, bytes) else record
-                if key in await self._marks.taken():
+                if await self._marks.has(key):  # answered by promotion already, or ended
                     return
                 if await self._answer(decoded):  # False: not answered, the batch path keeps it
                     await self._marks.mark(key)

@@ -10,7 +10,7 @@ bucket stays small: only promoted items are marked, and marks expire with ``ttl_
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from service.state.results import store_key
@@ -39,6 +39,13 @@ class PromotedMarks:
 
     async def mark(self, key: str) -> None:
         await self._kv.put(key, b"1")
+
+    async def has(self, key: str) -> bool:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            return False
+        return entry.value is not None
 
     async def taken(self) -> set[str]:
         """Every marked intake message (the bucket holds promoted items only)."""
