@@ -173,6 +173,11 @@ class Flusher:
         seqs = [m.metadata.sequence.stream for m in msgs]
         fid = flush_id(seqs, subject)
         existing = await self.store.get(fid)
+        if existing is not None and not any(existing.holds_seq(q) for q in seqs):
+            # Not a re-run after a crash (that record would hold these messages): an earlier
+            # flush left our first message in the buffer (promotion) and holds the name.
+            fid = flush_id(seqs, subject, with_last=True)
+            existing = await self.store.get(fid)
         if existing is not None:
             # We crashed after writing this flush and before acking: ack what it holds.
             for m in msgs:

@@ -206,9 +206,14 @@ def budget_cut(costs: list[tuple[str, float]], room: Mapping[str, float | None])
     return len(costs)
 
 
-def flush_id(seqs: list[int], subject: str) -> str:
-    """A flush is named by its first buffer sequence: a re-run after a crash finds it."""
-    return f"f{min(seqs)}-{subject.rsplit('.', 1)[-1]}"[:120]
+def flush_id(seqs: list[int], subject: str, *, with_last: bool = False) -> str:
+    """A flush is named by its first buffer sequence: a re-run after a crash finds it.
+    ``with_last`` adds the last one, for a fetch whose first message an earlier flush
+    left in the buffer (an item being promoted, CONTRACT §11): that earlier flush holds
+    the first name, and none of these messages."""
+    token = subject.rsplit(".", 1)[-1]
+    name = f"f{min(seqs)}-{max(seqs)}-{token}" if with_last else f"f{min(seqs)}-{token}"
+    return name[:120]
 
 
 def empty_fetch_wait_s(empty_fetches: int, poll_interval_s: float) -> float:

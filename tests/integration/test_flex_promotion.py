@@ -178,3 +178,35 @@ async def test_an_item_the_batch_ended_with_an_error_is_not_promoted_afterwards(
     out = await _out(js, daemon, prefix, 2, timeout_s=2)
     assert len(out) == 1  # no second answer for that intake message
     assert emulator.stats["requests_by_tier"] == {}  # no sync or flex call was made for it
+
+
+async def test_a_due_item_left_first_in_its_buffer_does_not_stop_later_flushes(
+    make_daemon, nc, prefix, emulator
+) -> None:
+    """After a restart a flush finds an item already due first in its buffer: it is left
+    there (and promoted) while the rest are flushed; when it comes back, first again, the
+    next flush must still go out (the first name is the earlier flush's)."""
+    emulator.reset_stats()
+    js = nc.jetstream()
+    first = await make_daemon(
+        **_settings(promote_margin_s=10), batching={"max_latency_s": 30, "max_wait_s": 600}
+    )
+    await publish_items(
+        js, f"{prefix}.in.tags", [{"id": "due", "text": "soon due", "deadline": _deadline(285)}]
+    )
+    await publish_items(js, f"{prefix}.in.tags", [{"id": "a1", "text": "no hurry"}])
+    await asyncio.sleep(1)
+    assert first.pipeline.counters.buffered == 2
+    await first.stop()  # the promotion schedule is gone with it; the buffer is not
+    daemon = await make_daemon(
+        **_settings(promote_margin_s=290),
+        batching={"max_latency_s": 30, "max_wait_s": 0.3, "poll_interval_s": 0.2},
+    )
+    out = await _out(js, daemon, prefix, 2, timeout_s=20)
+    assert sorted(e["id"] for e in out) == ["a1", "due"]
+    assert {e["id"]: e["route"] for e in out} == {"a1": "batch", "due": "flex"}
+    await asyncio.sleep(6)  # the promoted item comes back to the buffer, marked, and first
+    await publish_items(js, f"{prefix}.in.tags", [{"id": "a2", "text": "later still"}])
+    out = await _out(js, daemon, prefix, 3, timeout_s=20)
+    assert sorted(e["id"] for e in out) == ["a1", "a2", "due"]
+    assert emulator.stats["batches_created"] == 2

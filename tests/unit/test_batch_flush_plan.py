@@ -142,6 +142,7 @@ def test_budget_cut(costs: list[tuple[str, float]], room: dict[str, float | None
 
 def test_flush_id_is_named_by_first_sequence_and_buffer() -> None:
     assert flush_id([7, 3, 9], "enrich.buffer.openai_chat_m") == "f3-openai_chat_m"
+    assert flush_id([7, 3, 9], "enrich.buffer.openai_chat_m", with_last=True) == "f3-9-openai_chat_m"
     assert len(flush_id([1], "x." + "t" * 300)) == 120
 
 
