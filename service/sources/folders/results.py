@@ -98,7 +98,9 @@ class ResultCollector:
             except (TimeoutError, nats.errors.TimeoutError):
                 reraise_if_cancelled()  # 3.11's wait_for can turn a cancel into a timeout
                 continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            except nats.errors.Error as exc:
+                # Closed or reconnecting, or JetStream not available (503) while NATS is
+                # down: retry; this loop must outlive an outage (a dead one stops the daemon).
                 reraise_if_cancelled()  # nats-py reports a cancel while closing as ConnectionClosed
                 log.warning("results fetch failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
