@@ -241,6 +241,10 @@ class Settings(BaseSettings):
     batch_discount: float = Field(0.5, ge=0, lt=1)
     prices: dict[str, PriceSettings] = Field(default_factory=_default_prices)
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # [pipelines.<name>] (CONTRACT §14): validated with the handlers, see _check_handlers
+    pipelines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # [digests] timezone and [digests.<name>] (CONTRACT §15)
+    digests: dict[str, Any] = Field(default_factory=dict)
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
     budget: BudgetSettings = BudgetSettings()
     alerts: AlertSettings = AlertSettings()
