@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from handlers import HandlerConfigError, HandlerSpec, build_registry
+from service.core.chain import PipelineConfigError, PipelineSpec, build_pipelines, referenced_handlers
 from service.core.cost import Price, supports_flex
 from service.core.redact import url_secrets
 
@@ -250,6 +251,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     rate_limit_urgent_reserve: float = Field(0.1, ge=0, lt=1)
     _registry: dict[str, HandlerSpec] = PrivateAttr(default_factory=dict)
+    _pipelines: dict[str, PipelineSpec] = PrivateAttr(default_factory=dict)
 
     @field_validator("prices", mode="after")
     @classmethod
@@ -260,9 +262,13 @@ class Settings(BaseSettings):
     def _check_handlers(self) -> Settings:
         try:
             self._registry = build_registry(
-                self.handlers, chat_model=self.openai.chat_model, embedding_model=self.openai.embedding_model
+                self.handlers,
+                chat_model=self.openai.chat_model,
+                embedding_model=self.openai.embedding_model,
+                step_handlers=referenced_handlers(self.pipelines),
             )
-        except HandlerConfigError as exc:
+            self._pipelines = build_pipelines(self.pipelines, self._registry)
+        except (HandlerConfigError, PipelineConfigError) as exc:
             raise ValueError(str(exc)) from None
         prices = self.price_table
         for name, spec in self._registry.items():
@@ -276,6 +282,11 @@ class Settings(BaseSettings):
     @property
     def registry(self) -> dict[str, HandlerSpec]:
         return self._registry
+
+    @property
+    def pipeline_specs(self) -> dict[str, PipelineSpec]:
+        """The checked ``[pipelines.<name>]`` (service/core/chain.py)."""
+        return self._pipelines
 
     @property
     def instance(self) -> str:

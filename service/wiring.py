@@ -176,6 +176,7 @@ def pipeline_config(
         pack_limits=pack_limits(s),
         pack_linger_s=s.packing.linger_s,
         intake_prefix=intake_prefix,
+        pipelines=s.pipeline_specs,
     )
 
 
@@ -212,6 +213,7 @@ async def build_batcher(
         redact=redact,
         provider=OpenAIBatchProvider(provider.client),
         registry=s.registry,
+        pipelines=s.pipeline_specs,
         policy=BatchPolicy(
             max_items=b.max_items,
             max_bytes=b.max_bytes,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ from service.batch.submit import Submitter
 from service.contract.subjects import Subjects
 from service.core.batch_info import BatchInfo
 from service.core.batching import BatchPolicy, BufferState
+from service.core.chain import PipelineSpec
 from service.core.cost import Price
 from service.core.errors import ProviderError
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES
@@ -98,6 +99,7 @@ class Batcher:
         monotonic: Callable[[], float] = time.monotonic,
         calendar: Callable[[], datetime] | None = None,
         promotions: Promotions | None = None,
+        pipelines: Mapping[str, PipelineSpec] | None = None,
     ) -> None:
         if calendar is None:
             calendar = lambda: datetime.fromtimestamp(clock(), UTC)  # noqa: E731
@@ -146,6 +148,7 @@ class Batcher:
             calendar=calendar,
             registry=registry,
             promotions=promotions,
+            pipelines=pipelines,
         )
         self.submitter = Submitter(
             store=store,

@@ -24,9 +24,11 @@ from service.batch.ports import Promotions
 from service.batch.records import event_body, record_token
 from service.batch.spend import Spend
 from service.contract.subjects import Subjects
+from service.core import chain as chain_core
 from service.core import endings
 from service.core.batch_info import BatchInfo
 from service.core.batch_outcomes import Action, Fail, Ok, Retry
+from service.core.chain import ChainState, PipelineSpec
 from service.core.cost import Price, Usage, cost_usd, price_for
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome
 from service.core.flush_plan import PACK_FIELDS
@@ -69,8 +71,10 @@ class Publisher:
         calendar: Callable[[], datetime] = lambda: datetime.now(UTC),
         registry: Mapping[str, HandlerSpec] | None = None,
         promotions: Promotions | None = None,
+        pipelines: Mapping[str, PipelineSpec] | None = None,
     ) -> None:
         self.registry = registry or {}
+        self.pipelines = pipelines or {}
         self.promotions = promotions
         self.js = js
         self.subjects = subjects
@@ -134,9 +138,12 @@ class Publisher:
             if ending.cached:
                 self.tally["cached"] += 1
                 self.metrics.outcome(ending.event, (now - received).total_seconds())
+            answered.append(m)
+            if self._chain_of(r) is not None:  # a pipeline step: on to what follows it
+                messages.extend(self.after_step(r, ending.event))
+                continue
             payload = self.redact(dumps(ending.event)).encode()
             messages.append((self.subjects.out(r["handler"]), payload, ending.headers))
-            answered.append(m)
         await self.acked(await self.send_nowait(messages), messages)
         for m in answered:
             await m.ack()
@@ -256,21 +263,7 @@ class Publisher:
         data = item["item"]
         handler = item["handler"]
         if isinstance(action, Retry):
-            again = {
-                **item,
-                "batch_attempts": int(item.get("batch_attempts", 0)) + 1,
-                "last_batch": record.batch_id,
-            }
-            if "pack" in item:  # out of its pack; its own request is built at the next flush
-                for key in (*PACK_FIELDS, "body"):
-                    again.pop(key, None)
-            if action.unpacked:
-                again["unpacked"] = True
-            if action.usage.input_tokens or action.usage.output_tokens:
-                again["carried_usage"] = (carried_usage(item) + action.usage).to_dict()
-            token = self.subjects.buffer(record_token(record))
-            msg_id = f"{handler}:{data['id']}:{item['intake_seq']}:b{again['batch_attempts']}"
-            return [(token, dumps(again).encode(), {"Nats-Msg-Id": msg_id})]
+            return [self.retry_message(record, item, action)]
         usage = action.usage + carried_usage(item)  # and what its earlier pack spent on it
         price = price_for(record.model, self.prices)
         outcome = Outcome(
@@ -322,13 +315,22 @@ class Publisher:
                 handler, data["id"], event_json, intake_seq=item.get("intake_seq")
             )
             out.append((subject, payload, {}))
-        else:
+        step = self._chain_of(item) is not None
+        if not isinstance(action, Ok):
             assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
-            out.append((self.subjects.dlq(handler), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id}))
+            if not step:  # (a pipeline's DLQ entry is its final ending's)
+                out.append(
+                    (self.subjects.dlq(handler), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id})
+                )
             if data.get("deadline") and self.promotions is not None:
                 # ended here: a promotion scheduled for it must not answer it again (an
                 # ok ending needs no mark: the store holds it under this intake seq)
                 out.append((*self.promotions.mark_message(item), {}))
+        if step:
+            # A pipeline step: its answer stored (above), then the next step's message or
+            # the pipeline's final ending instead of a result event of its own. A restart
+            # resends these from the checkpoint under the same ids.
+            return out + self.after_step(item, event)
         headers = ending.headers
         if tracing.enabled(self.tracer):
             # The far side of the batch hop: continue the item's trace from its intake span.
@@ -342,6 +344,77 @@ class Publisher:
             ):
                 tracing.inject(headers)
         out.append((self.subjects.out(handler), self.redact(event_json).encode(), headers))
+        return out
+
+    def retry_message(self, record: BatchRecord, item: dict[str, Any], action: Retry) -> Message:
+        """An item back into the buffer, for a later batch."""
+        again = {
+            **item,
+            "batch_attempts": int(item.get("batch_attempts", 0)) + 1,
+            "last_batch": record.batch_id,
+        }
+        if "pack" in item:  # out of its pack; its own request is built at the next flush
+            for key in (*PACK_FIELDS, "body"):
+                again.pop(key, None)
+        if action.unpacked:
+            again["unpacked"] = True
+        if action.usage.input_tokens or action.usage.output_tokens:
+            again["carried_usage"] = (carried_usage(item) + action.usage).to_dict()
+        token = self.subjects.buffer(record_token(record))
+        msg_id = f"{item['handler']}:{item['item']['id']}:{item['intake_seq']}:b{again['batch_attempts']}"
+        return (token, dumps(again).encode(), {"Nats-Msg-Id": msg_id})
+
+    def _chain_of(self, record: dict[str, Any]) -> ChainState | None:
+        """A pipeline step's state (None for a plain item, or one of a pipeline no longer
+        configured: its step's answer is then published as the handler's own)."""
+        chain = record.get("chain")
+        if not chain or chain.get("pipeline") not in self.pipelines:
+            return None
+        return ChainState.from_dict(chain, record["item"])
+
+    def after_step(self, record: dict[str, Any], step_event: dict[str, Any]) -> list[Message]:
+        """What follows a batched pipeline step that ended with ``step_event``: the next
+        step's message on ``<prefix>.in.<pipeline>``, or the pipeline's final ending (its
+        event, and its stored answer or its DLQ entry) — service/core/chain.py."""
+        state = self._chain_of(record)
+        assert state is not None
+        pipeline = self.pipelines[state.pipeline]
+        after = chain_core.after_step(pipeline, state, step_event, now=self.calendar())
+        if isinstance(after, chain_core.NextStep):
+            body = self.redact(dumps(after.state.envelope())).encode()
+            return [(self.subjects.intake(pipeline.name), body, {"Nats-Msg-Id": after.msg_id})]
+        ending = endings.end(
+            after.outcome,
+            intake_seq=state.origin_seq,
+            subject=self.subjects.intake_prefix + pipeline.name,
+            item=state.item,
+            raw=None,
+            encode=lambda e: self.redact(dumps(e)).encode(),
+            max_dlq_bytes=self.max_message_bytes,
+            header_on_error=False,
+            extra=after.extra,
+        )
+        out: list[Message] = []
+        event_json = dumps(ending.event)
+        if after.outcome.ok:
+            out.append(
+                (
+                    *self.results.put_message_json(
+                        pipeline.name, state.item["id"], event_json, intake_seq=state.origin_seq
+                    ),
+                    {},
+                )
+            )
+        else:
+            assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
+            out.append(
+                (self.subjects.dlq(pipeline.name), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id})
+            )
+            log.log(ending.log_level, ending.log_message, extra=ending.log_fields)
+        self.metrics.outcome(
+            ending.event, (after.outcome.completed_at - after.outcome.received_at).total_seconds()
+        )
+        out.append((self.subjects.out(pipeline.name), self.redact(event_json).encode(), ending.headers))
         return out
 
     async def send_nowait(self, messages: list[Message]) -> list[Any]:

@@ -71,6 +71,9 @@ class ErrorInfo(BaseModel):
     code: str = Field(description="Stable error code, e.g. invalid_json, rate_limited, batch_expired.")
     message: str
     retryable: bool = Field(description="Whether sending the item again may succeed.")
+    step: str | None = Field(
+        default=None, description="A pipeline's event only: the step (handler) that failed (CONTRACT §14)."
+    )
 
 
 class Usage(BaseModel):
@@ -158,6 +161,34 @@ class ResultEvent(BaseModel):
     source: str | None = Field(description="The item's source, echoed.")
     received_at: datetime
     completed_at: datetime
+    steps: list[PipelineStep] | None = Field(
+        default=None,
+        description=(
+            "A pipeline's event only (CONTRACT §14): each step that ran, in order; on error the "
+            "last one is the failed step (status error). result holds one entry per step that answered."
+        ),
+    )
+    skipped: list[str] | None = Field(
+        default=None, description="A pipeline's event only: the steps whose `when` was false."
+    )
+
+
+class PipelineStep(BaseModel):
+    """One step of a pipeline's result event."""
+
+    handler: str
+    route: str | None
+    model: str | None
+    handler_version: str | None
+    batch_id: str | None
+    cached: bool
+    attempts: int = Field(ge=0)
+    usage: Usage | None
+    cost_usd: float | None
+    status: Literal["ok", "error"] = "ok"
+
+
+ResultEvent.model_rebuild()
 
 
 class DlqEntry(BaseModel):

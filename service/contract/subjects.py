@@ -46,6 +46,10 @@ class Subjects:
     def sync_prefix(self) -> str:
         return f"{self.prefix}.sync."
 
+    def intake(self, handler: str) -> str:
+        """``<prefix>.in.<handler>``: also where a pipeline's next step is published."""
+        return f"{self.prefix}.in.{handler_token(handler)}"
+
     def out(self, handler: str) -> str:
         return f"{self.prefix}.out.{handler_token(handler)}"
 

@@ -80,13 +80,17 @@ def end(
     max_dlq_bytes: int,
     request_id: str | None = None,
     header_on_error: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> Ending:
     """The ending of ``outcome``. ``item`` (parsed) or else ``raw`` (the intake body)
     goes into the DLQ entry, encoded with ``encode`` and cut to ``max_dlq_bytes``
     (:func:`service.core.events.fitted_entry`). ``header_on_error=False`` leaves the
     intake-seq header off ``error`` events (the batch route today: its error events are
-    matched by their ``:error:<seq>`` id)."""
+    matched by their ``:error:<seq>`` id). ``extra``: keys the event adds (a pipeline's
+    ``steps``, service/core/chain.py)."""
     event = result_event(outcome)
+    if extra:
+        event.update(extra)
     error_seq = None if outcome.ok else intake_seq
     msg_id = result_msg_id(outcome.id, outcome.handler, error_intake_seq=error_seq)
     header_seq = intake_seq if outcome.ok or header_on_error else None

@@ -65,9 +65,13 @@ class ErrorInfo:
     code: str
     message: str
     retryable: bool
+    step: str | None = None  # a pipeline's failed step (CONTRACT §14)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "retryable": self.retryable}
+        out: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.step is not None:
+            out["step"] = self.step
+        return out
 
 
 class EnrichError(Exception):

@@ -54,7 +54,15 @@ def request_body(
     if spec is None:
         raise BadItemError("unknown_handler", f"no handler named {record['handler']!r} any more")
     item = item_from_object(record["item"], record["handler"])
-    return spec.build_body(item, max_tokens_param=max_tokens_param)
+    return spec.build_body(item, max_tokens_param=max_tokens_param, steps=step_results(record))
+
+
+def step_results(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A pipeline step's earlier results (``{steps.…}``), from its record's ``chain``."""
+    chain = record.get("chain")
+    if not chain:
+        return None
+    return {d["handler"]: d.get("result") for d in chain.get("done", ())}
 
 
 def encode_for_flush(record: dict[str, Any]) -> tuple[bytes, int, int]:
@@ -142,7 +150,7 @@ def pack_lines(
         for index in indices:
             r = records[index]
             try:
-                block = packing.item_block(spec, item_from_object(r["item"], handler))
+                block = packing.item_block(spec, item_from_object(r["item"], handler), step_results(r))
             except EnrichError:
                 block = ""
             blocks.append(block)

@@ -5,13 +5,16 @@ pipeline itself. Also the pure steps between them: parsing an intake message onc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from handlers import HandlerSpec
+from service.core import chain as chain_core
 from service.core import fastjson
+from service.core.chain import ChainState, PipelineSpec
 from service.core.errors import BadItemError
 from service.core.events import iso
 from service.core.items import Item, decode_object, item_from_object
@@ -39,6 +42,14 @@ class Prepared:
     item: Item | None
     body: dict[str, Any] | None
     error: BadItemError | None = None
+    # A pipeline's item (CONTRACT §14): where it is in its pipeline. ``item`` is then the
+    # item of the step it runs now (its handler is the step's).
+    chain: ChainState | None = None
+
+    @property
+    def handler(self) -> str:
+        """The handler that answers it: the step's for a pipeline item, else the intake's."""
+        return self.item.handler if self.item is not None else self.intake.handler
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,12 @@ class DeferError(Exception):
 
 
 def prepare(
-    intake: Intake, registry: Mapping[str, HandlerSpec], *, max_item_bytes: int, max_tokens_param: str
+    intake: Intake,
+    registry: Mapping[str, HandlerSpec],
+    *,
+    max_item_bytes: int,
+    max_tokens_param: str,
+    pipelines: Mapping[str, PipelineSpec] | None = None,
 ) -> Prepared:
     """Parse and validate, once. Errors in this order: size (and JSON), handler,
     content, template; the item is kept whenever it could be parsed."""
@@ -70,6 +86,9 @@ def prepare(
         data = decode_object(intake.raw, max_bytes=max_item_bytes)
     except BadItemError as exc:
         return Prepared(intake, None, None, exc)
+    pipeline = pipelines.get(intake.handler) if pipelines else None
+    if pipeline is not None:
+        return prepare_step(intake, data, pipeline, registry, max_tokens_param=max_tokens_param)
     item: Item | None = None
     item_error: BadItemError | None = None
     try:
@@ -90,6 +109,63 @@ def prepare(
     return Prepared(intake, item, body)
 
 
+def prepare_step(
+    intake: Intake,
+    data: dict[str, Any],
+    pipeline: PipelineSpec,
+    registry: Mapping[str, HandlerSpec],
+    *,
+    max_tokens_param: str,
+) -> Prepared:
+    """A message on a pipeline's intake subject: an item fed to the pipeline (its first
+    step) or a step message (service/core/chain.py), parsed into the item of the step it
+    runs now, with its request built from the earlier steps' results."""
+    try:
+        state = chain_core.read_envelope(data, pipeline)
+        if state is None:
+            item = item_from_object(data, pipeline.name)
+            state = chain_core.start(
+                pipeline, item.to_dict(), origin_seq=intake.seq, received_at=intake.received_at
+            )
+        else:
+            item = item_from_object(state.item, pipeline.name)
+    except BadItemError as exc:
+        return Prepared(intake, None, None, exc)
+    return _step(intake, item, state, pipeline, registry, max_tokens_param=max_tokens_param)
+
+
+def prepare_next(
+    intake: Intake,
+    state: ChainState,
+    pipeline: PipelineSpec,
+    registry: Mapping[str, HandlerSpec],
+    *,
+    max_tokens_param: str,
+) -> Prepared:
+    """The next step of an item whose pipeline runs here at once (``enrich.sync``)."""
+    item = item_from_object(state.item, pipeline.name)  # read once already: it is valid
+    return _step(intake, item, state, pipeline, registry, max_tokens_param=max_tokens_param)
+
+
+def _step(
+    intake: Intake,
+    item: Item,
+    state: ChainState,
+    pipeline: PipelineSpec,
+    registry: Mapping[str, HandlerSpec],
+    *,
+    max_tokens_param: str,
+) -> Prepared:
+    step_item = dataclasses.replace(item, handler=state.handler(pipeline))
+    try:
+        body = registry[step_item.handler].build_body(
+            step_item, max_tokens_param=max_tokens_param, steps=state.results
+        )
+    except BadItemError as exc:
+        return Prepared(intake, step_item, None, exc, chain=state)
+    return Prepared(intake, step_item, body, chain=state)
+
+
 def too_large_to_buffer(size: int, max_message_bytes: int) -> BadItemError:
     return BadItemError(
         "item_too_large",
@@ -99,11 +175,16 @@ def too_large_to_buffer(size: int, max_message_bytes: int) -> BadItemError:
 
 
 def buffer_write(
-    intake: Intake, item: Item, decision: BatchRoute, *, traceparent: str | None = None
+    intake: Intake,
+    item: Item,
+    decision: BatchRoute,
+    *,
+    traceparent: str | None = None,
+    chain: ChainState | None = None,
 ) -> BufferWrite:
     """The buffer message of a batch-routed item; its Nats-Msg-Id makes a redelivered
     intake message's second write a duplicate JetStream drops."""
-    record = buffer_record(intake, item, decision)
+    record = buffer_record(intake, item, decision, chain=chain)
     if traceparent:
         record["traceparent"] = traceparent
     return BufferWrite(
@@ -115,11 +196,14 @@ def buffer_write(
     )
 
 
-def buffer_record(intake: Intake, item: Item, decision: BatchRoute) -> dict[str, Any]:
+def buffer_record(
+    intake: Intake, item: Item, decision: BatchRoute, *, chain: ChainState | None = None
+) -> dict[str, Any]:
     """What a batched item's buffer message holds: enough to send it in a batch and to
     answer it later without the intake message. The request body is not kept (it holds
-    the text a second time): the flush builds it from the item (core/flush_plan.py, request_body)."""
-    return {
+    the text a second time): the flush builds it from the item (core/flush_plan.py,
+    request_body), and a pipeline step's from its ``chain`` too."""
+    record = {
         "handler": item.handler,
         "item": item.to_dict(),
         "endpoint": decision.key.endpoint,
@@ -127,3 +211,6 @@ def buffer_record(intake: Intake, item: Item, decision: BatchRoute) -> dict[str,
         "received_at": iso(intake.received_at),
         "intake_seq": intake.seq,
     }
+    if chain is not None:
+        record["chain"] = chain.to_dict()
+    return record

@@ -27,7 +27,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,11 +142,11 @@ def _count_static(spec: HandlerSpec) -> int:
 # -- items --------------------------------------------------------------------------------
 
 
-def item_block(spec: HandlerSpec, item: Item) -> str:
+def item_block(spec: HandlerSpec, item: Item, steps: Mapping[str, Any] | None = None) -> str:
     """What stands inside the item's ``<item>`` block: its rendered prompt, less the
     static instructions the system message already gives. Raises BadItemError (a field
     the template needs is missing), as building its single body does."""
-    rendered = spec.render_prompt(item)
+    rendered = spec.render_prompt(item, steps)
     static = static_instructions(spec.prompt)
     if static and rendered.startswith(static):
         rendered = rendered[len(static) :]

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from handlers import HandlerSpec
 from service.core import retry as retry_core
+from service.core.chain import PipelineSpec
 from service.core.cost import Price
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES
 from service.core.routing import RoutingRules
@@ -31,6 +32,7 @@ class PipelineConfig:
     pack_limits: PackLimits = PackLimits()
     pack_linger_s: float = DEFAULT_LINGER_S
     intake_prefix: str = "enrich.in."  # the intake subject of a handler is this + its name
+    pipelines: dict[str, PipelineSpec] = field(default_factory=dict)  # CONTRACT §14
 
 
 Clock = Callable[[], datetime]

@@ -13,10 +13,11 @@ class Counters:
     cached: int = 0
     buffered: int = 0
     retries: int = 0
+    steps: int = 0  # pipeline steps ended (their items end once, in ok/error)
     by_code: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
             f"received={self.received} ok={self.ok} error={self.error} cached={self.cached} "
-            f"buffered={self.buffered} retries={self.retries}"
+            f"buffered={self.buffered} retries={self.retries} steps={self.steps}"
         )

@@ -18,6 +18,7 @@ import asyncio
 import copy
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -99,10 +100,12 @@ class Packer:
         received_at: datetime,
         packable: bool = True,
         route: str = "sync",
+        steps: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """The item's outcome (not yet finished: the caller writes its ending). Raises
-        BudgetExhaustedError as SyncCall does, for the pack's request."""
-        member = self._member(spec, item, body, received_at) if packable and spec.pack > 1 else None
+        BudgetExhaustedError as SyncCall does, for the pack's request. ``steps``: a
+        pipeline step's earlier results, which its prompt may show."""
+        member = self._member(spec, item, body, received_at, steps) if packable and spec.pack > 1 else None
         if member is None:
             return await self._sync.run(spec, item, body, received_at=received_at, route=route)
         key = (spec.name, route)
@@ -126,10 +129,15 @@ class Packer:
         return await self._alone(spec, member, answer)
 
     def _member(
-        self, spec: HandlerSpec, item: Item, body: dict[str, Any], received_at: datetime
+        self,
+        spec: HandlerSpec,
+        item: Item,
+        body: dict[str, Any],
+        received_at: datetime,
+        steps: Mapping[str, Any] | None = None,
     ) -> _Member | None:
         try:
-            block = packing.item_block(spec, item)
+            block = packing.item_block(spec, item, steps)
         except BadItemError:
             return None
         if not packing.packable_block(block):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from opentelemetry import trace
 
 from handlers import HandlerSpec
 from service import failpoints
+from service.core import chain as chain_core
 from service.core import endings
 from service.core.budget import seconds_until_next_day
 from service.core.cost import supports_flex
@@ -30,6 +33,7 @@ from service.core.intake import (
     buffer_record,
     buffer_write,
     prepare,
+    prepare_next,
     too_large_to_buffer,
 )
 from service.core.items import Item
@@ -126,7 +130,14 @@ class Pipeline:
             for name, spec in config.registry.items()
         }
         self._finish = Finish(
-            store=store, sink=sink, counters=self.counters, metrics=self._metrics, clock=clock, alerts=alerts
+            store=store,
+            sink=sink,
+            counters=self.counters,
+            metrics=self._metrics,
+            clock=clock,
+            alerts=alerts,
+            pipelines=config.pipelines,
+            intake_prefix=config.intake_prefix,
         )
         self.promoter: Promoter | None = None
         if marks is not None:
@@ -153,6 +164,7 @@ class Pipeline:
             self.config.registry,
             max_item_bytes=self.config.max_item_bytes,
             max_tokens_param=self.config.max_tokens_param,
+            pipelines=self.config.pipelines,
         )
 
     def buffer_now(self, intake: Intake) -> BufferWrite | Prepared:
@@ -160,24 +172,26 @@ class Pipeline:
         buffer message (the source publishes a whole fetch of them at once with
         :meth:`buffer_many`); anything else comes back parsed, for :meth:`process`."""
         prepared = self.prepare(intake)
-        if prepared.error is not None:
-            return prepared
+        if prepared.error is not None or _starts_pipeline(prepared):
+            return prepared  # (a pipeline's own stored answer is looked up first, in process())
         decision = self._route(prepared)
         if not isinstance(decision, BatchRoute):
             return prepared
         item = prepared.item
         assert item is not None
-        write = buffer_write(intake, item, decision)
+        write = buffer_write(intake, item, decision, chain=prepared.chain)
         if len(write.payload) > self.config.max_message_bytes:
             return prepared  # process() ends it as item_too_large
         if not tracing.enabled(self.tracer):
             return write
         # Traced: the same path, with the spans of _buffer under the source's intake span.
         trace.get_current_span().set_attributes(tracing.item_attributes(item.id, item.handler, route="batch"))
-        spec = self.config.registry[intake.handler]
+        spec = self.config.registry[prepared.handler]
         attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
         with tracing.span(self.tracer, "enrich.buffer", attributes):
-            traced = buffer_write(intake, item, decision, traceparent=tracing.current_traceparent())
+            traced = buffer_write(
+                intake, item, decision, traceparent=tracing.current_traceparent(), chain=prepared.chain
+            )
         # the traceparent makes it a little longer: too long now, it is ended per item
         return traced if len(traced.payload) <= self.config.max_message_bytes else prepared
 
@@ -195,13 +209,21 @@ class Pipeline:
         or None when the item went to a batch buffer. Raises DeferError for "not now"."""
         prepared = intake if isinstance(intake, Prepared) else self.prepare(intake)
         msg = prepared.intake
-        self.counters.received += 1
-        self._metrics.received.add(1, {"handler": msg.handler})
+        chain = prepared.chain
+        if chain is None or _starts_pipeline(prepared):
+            self.counters.received += 1
+            self._metrics.received.add(1, {"handler": msg.handler})
+        if chain is not None and msg.seq is None:
+            return await self._run_pipeline_here(prepared)
         if prepared.error is not None:
             return await self._finish_bad(prepared, prepared.error)
         item, body = prepared.item, prepared.body
         assert item is not None and body is not None
-        spec = self.config.registry[msg.handler]
+        if chain is not None and _starts_pipeline(prepared):
+            answered = await self._pipeline_answered(prepared)
+            if answered is not None:
+                return answered
+        spec = self.config.registry[item.handler]
         decision = self._route(prepared)
         batched = isinstance(decision, BatchRoute) and not force_sync
         if not batched:
@@ -209,7 +231,7 @@ class Pipeline:
             # at once (batch/publisher.py, answer_stored), which keeps intake at one round trip.
             stored = await self.store.get(item.handler, item.id, spec.version)
             if stored is not None:
-                return await self._finish.from_store(msg, item, stored)
+                return await self._finish.from_store(msg, item, stored, chain=chain)
         if tracing.enabled(self.tracer):
             trace.get_current_span().set_attributes(
                 tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
@@ -221,14 +243,77 @@ class Pipeline:
 
     async def finish(self, outcome: Outcome, *, item: Item | None, intake: Intake) -> dict[str, Any]:
         """Write an item's ending (see finish.py); for sources that end a message
-        themselves (max deliveries)."""
+        themselves (max deliveries). A pipeline's message ends its pipeline (with the
+        error naming the step it was at)."""
+        if intake.handler in self.config.pipelines and outcome.error is not None:
+            prepared = self.prepare(intake)
+            if prepared.chain is not None and prepared.item is not None:
+                step_outcome = dataclasses.replace(
+                    outcome, id=prepared.item.id, handler=prepared.item.handler, model=None
+                )
+                return await self._finish.finish(
+                    step_outcome, item=prepared.item, intake=intake, chain=prepared.chain
+                )
         return await self._finish.finish(outcome, item=item, intake=intake)
+
+    # -- pipelines (CONTRACT §14) ---------------------------------------------------------
+
+    async def _pipeline_answered(self, prepared: Prepared) -> dict[str, Any] | None:
+        """An item fed to a pipeline whose final answer (same id, same pipeline version)
+        is stored: answered from the store, no step runs."""
+        chain, item = prepared.chain, prepared.item
+        assert chain is not None and item is not None
+        pipeline = self.config.pipelines[chain.pipeline]
+        stored = await self.store.get(pipeline.name, item.id, pipeline.version)
+        if stored is None:
+            return None
+        as_fed = dataclasses.replace(item, handler=pipeline.name)
+        return await self._finish.from_store(prepared.intake, as_fed, stored)
+
+    async def _run_pipeline_here(self, prepared: Prepared) -> dict[str, Any] | None:
+        """A request on ``enrich.sync.<pipeline>``: every step at once, on the sync route,
+        one after the other; the reply is the pipeline's final event. Each step's answer
+        is stored as it comes (a later request for the same item pays nothing again)."""
+        request_id = uuid.uuid4().hex
+        if prepared.error is None:
+            answered = await self._pipeline_answered(prepared)
+            if answered is not None:
+                return answered
+        current = prepared
+        while True:
+            chain, item = current.chain, current.item
+            assert chain is not None
+            if current.error is not None or item is None or current.body is None:
+                assert current.error is not None
+                if item is None:  # the item itself is bad: an ordinary bad-item ending
+                    return await self._finish_bad(current, current.error)
+                step_event = await self._finish_bad(current, current.error)
+            else:
+                spec = self.config.registry[item.handler]
+                stored = await self.store.get(item.handler, item.id, spec.version)
+                if stored is not None:
+                    step_event = await self._finish.from_store(current.intake, item, stored, chain=chain)
+                else:
+                    answer = await self._single_flight(current, spec, current.body, force_sync=True)
+                    assert answer is not None
+                    step_event = answer
+            pipeline = self.config.pipelines[chain.pipeline]
+            after = chain_core.after_step(pipeline, chain, step_event, now=self.clock())
+            if isinstance(after, chain_core.Final):
+                return await self._finish.final(after, chain, request_id=request_id)
+            current = prepare_next(
+                current.intake,
+                after.state,
+                pipeline,
+                self.config.registry,
+                max_tokens_param=self.config.max_tokens_param,
+            )
 
     # -- the sync route -------------------------------------------------------------------
 
     def _route(self, prepared: Prepared) -> Route:
         assert prepared.item is not None
-        spec = self.config.registry[prepared.intake.handler]
+        spec = self.config.registry[prepared.handler]
         return route(
             prepared.item,
             endpoint=spec.endpoint,
@@ -260,7 +345,9 @@ class Pipeline:
             if answer is not None and intake.seq is not None and leader_seq == intake.seq:
                 return answer  # the same intake message, delivered again: its answer is out
             if answer is not None and answer.get("status") == "ok":
-                return await self._finish.from_store(intake, item, StoredResult(answer, leader_seq))
+                return await self._finish.from_store(
+                    intake, item, StoredResult(answer, leader_seq), chain=prepared.chain
+                )
         flight: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self._sync_flights[key] = (flight, intake.seq)
         event: dict[str, Any] | None = None
@@ -287,6 +374,7 @@ class Pipeline:
                 received_at=intake.received_at,
                 packable=intake.seq is not None,
                 route=route,
+                steps=prepared.chain.results if prepared.chain is not None else None,
             )
         except BudgetExhaustedError as exc:
             if not force_sync and item.priority not in ("urgent", "high"):
@@ -306,24 +394,27 @@ class Pipeline:
                     source=item.source,
                     handler_version=spec.version,
                 )
-                return await self._finish.finish(outcome, item=item, intake=intake)
+                return await self._finish.finish(outcome, item=item, intake=intake, chain=prepared.chain)
             raise DeferError(
                 min(self._budget_recheck_s, seconds_until_next_day(self.clock())), str(exc)
             ) from None
-        return await self._finish.finish(outcome, item=item, intake=intake)
+        return await self._finish.finish(outcome, item=item, intake=intake, chain=prepared.chain)
 
     async def _finish_bad(self, prepared: Prepared, exc: EnrichError) -> dict[str, Any]:
         intake = prepared.intake
-        spec = self.config.registry.get(intake.handler)
+        spec = self.config.registry.get(prepared.handler)
         outcome = endings.salvaged_outcome(
             intake.raw,
-            intake.handler,
+            prepared.handler,
             exc.info(),
             received_at=intake.received_at,
             now=self.clock(),
             model=spec.model if spec else None,
             item=prepared.item,
         )
+        if prepared.chain is not None and prepared.item is not None:  # a step that cannot run
+            outcome = dataclasses.replace(outcome, handler_version=spec.version if spec else None)
+            return await self._finish.finish(outcome, item=prepared.item, intake=intake, chain=prepared.chain)
         return await self._finish.finish(outcome, item=prepared.item, intake=intake)
 
     # -- the batch route ------------------------------------------------------------------
@@ -338,7 +429,13 @@ class Pipeline:
         attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
         with tracing.span(self.tracer, "enrich.buffer", attributes):
             # The batch hop: the result span will continue this trace (see service/tracing.py).
-            write = buffer_write(prepared.intake, item, decision, traceparent=tracing.current_traceparent())
+            write = buffer_write(
+                prepared.intake,
+                item,
+                decision,
+                traceparent=tracing.current_traceparent(),
+                chain=prepared.chain,
+            )
             if len(write.payload) > self.config.max_message_bytes:
                 return await self._finish_bad(
                     prepared, too_large_to_buffer(len(write.payload), self.config.max_message_bytes)
@@ -359,3 +456,11 @@ class Pipeline:
         if self._on_buffered is not None and any(stored):
             self._on_buffered()
         return stored
+
+
+def _starts_pipeline(prepared: Prepared) -> bool:
+    """An item fed to a pipeline from outside (not a later step's message)."""
+    chain = prepared.chain
+    return (
+        chain is not None and chain.index == 0 and not chain.done and chain.origin_seq == prepared.intake.seq
+    )

@@ -27,6 +27,7 @@ from typing import Any
 
 from service.aio import reraise_if_cancelled
 from service.core import fastjson
+from service.core.chain import ChainState
 from service.core.errors import EnrichError
 from service.core.events import iso
 from service.core.intake import Intake
@@ -189,9 +190,15 @@ class PromotedAnswer:
         spec = self._config.registry.get(handler)
         if spec is None:
             return False
+        chain = None
         try:
             item = item_from_object(record["item"], handler)
-            body = spec.build_body(item, max_tokens_param=self._config.max_tokens_param)
+            if record.get("chain"):  # a pipeline step (CONTRACT §14)
+                chain = ChainState.from_dict(record["chain"], record["item"])
+                if chain.pipeline not in self._config.pipelines:
+                    return False
+            steps = chain.results if chain is not None else None
+            body = spec.build_body(item, max_tokens_param=self._config.max_tokens_param, steps=steps)
         except EnrichError:
             return False  # the flush ends it with that error
         seq = record.get("intake_seq")
@@ -212,10 +219,12 @@ class PromotedAnswer:
         )
         try:
             # promoted together (a buffer's worth of deadlines), a packing handler's items share requests
-            outcome = await self._packer.run(spec, item, body, received_at=intake.received_at, route=tier)
+            outcome = await self._packer.run(
+                spec, item, body, received_at=intake.received_at, route=tier, steps=steps
+            )
         except BudgetExhaustedError:
             return False
-        await self._finish.finish(outcome, item=item, intake=intake)
+        await self._finish.finish(outcome, item=item, intake=intake, chain=chain)
         log.info(
             "promoted",
             extra={

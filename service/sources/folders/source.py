@@ -58,7 +58,12 @@ class FolderSource:
         this source's own tasks. Short timers (retries, settling) are always its own."""
         self._supervise = supervise
         self.cfg = settings.folders
-        self.registry = settings.registry
+        # A file's items are read with its handler's spec; a pipeline's (CONTRACT §14)
+        # with its first step's, whose prompt needs no earlier step.
+        self.registry = {
+            **settings.registry,
+            **{name: settings.registry[p.steps[0].handler] for name, p in settings.pipeline_specs.items()},
+        }
         self.subjects = subjects
         self.inbox = self.cfg.inbox.resolve()
         self.outbox = self.cfg.outbox.resolve()
