@@ -19,6 +19,7 @@ from .chat import Answer, AnswerContext, ChatRequest, answer_chat, parse_chat_re
 from .embeddings import EmbeddingRequest, answer_embeddings, parse_embedding_request
 from .errors import EmulatedError
 from .faults import decide_line_fault, parse_markers
+from .stats import prompt_digest
 
 Request = ChatRequest | EmbeddingRequest
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -39,6 +40,7 @@ class LineResult:
     is_pack: bool = False
     packed_items: int = 0
     pack_dropped: int = 0
+    prompt: str | None = None  # stats.prompt_digest of a chat line
 
 
 def encode_line(value: dict[str, Any]) -> bytes:
@@ -130,6 +132,7 @@ def run_line(
         is_pack=isinstance(request, ChatRequest) and request.pack is not None,
         packed_items=answer.packed_items,
         pack_dropped=answer.pack_dropped,
+        prompt=prompt_digest(request.model, request.user_text) if isinstance(request, ChatRequest) else None,
     )
 
 

@@ -220,6 +220,8 @@ class BatchRunner:
             batch.input_tokens += result.prompt_tokens
             batch.output_tokens += result.completion_tokens
             stats.custom_ids_succeeded[result.custom_id] += 1
+            if result.prompt is not None:
+                stats.prompts[result.prompt] += 1
             stats.tokens_in += result.prompt_tokens
             stats.tokens_out += result.completion_tokens
             stats.record_chat_answer(

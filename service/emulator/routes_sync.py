@@ -20,6 +20,7 @@ from .errors import EmulatedError
 from .http_common import read_json
 from .limits import LimitDecision, format_duration
 from .state import EmulatorState
+from .stats import prompt_digest
 
 LISTED_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small", "text-embedding-3-large")
 _MODEL_CREATED = 1_715_367_049
@@ -72,6 +73,7 @@ class SyncRoutes:
             raise
         stats = state.stats
         stats.chat_requests_ok += 1
+        stats.prompts[prompt_digest(chat.model, chat.user_text)] += 1
         stats.tokens_in += answer.prompt_tokens
         stats.tokens_out += answer.completion_tokens
         stats.chat_ok_by_tier[answer.service_tier] += 1

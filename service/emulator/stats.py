@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Any
+
+
+def prompt_digest(model: str, text: str) -> str:
+    """A chat request's identity in ``prompts``: its model and user text, hashed."""
+    return hashlib.sha256(f"{model}\0{text}".encode()).hexdigest()[:16]
 
 
 class Stats:
@@ -37,6 +43,9 @@ class Stats:
         self.packed_requests = 0
         self.packed_items_answered = 0
         self.pack_answers_dropped = 0
+        # Answered chat prompts (sync calls and batch lines) by prompt_digest: a count
+        # above 1 is the same request paid twice.
+        self.prompts: Counter[str] = Counter()
 
     def record_chat_answer(
         self, *, cached_tokens: int, packed_items: int, pack_dropped: int, is_pack: bool
@@ -75,4 +84,5 @@ class Stats:
             "packed_requests": self.packed_requests,
             "packed_items_answered": self.packed_items_answered,
             "pack_answers_dropped": self.pack_answers_dropped,
+            "prompts": dict(self.prompts),
         }

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Any
 
+from service import failpoints
 from service.core import chain as chain_core
 from service.core import endings
 from service.core.chain import ChainState, Final, PipelineSpec
@@ -63,10 +64,12 @@ class Finish:
             step_event = endings.result_event(outcome)
             if outcome.ok:
                 await self._store.put(step_event, intake_seq=intake.seq)
+                failpoints.hit("after_step_stored")  # the step paid and stored, the next not started
             self._metrics.outcome(step_event, (outcome.completed_at - outcome.received_at).total_seconds())
             self._counters.steps += 1
             if intake.seq is not None:
                 await self.go_on(chain, step_event)
+                failpoints.hit("after_next_step")  # the next step published, this message not acked
             return step_event
         ending = endings.end(
             outcome,
