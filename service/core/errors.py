@@ -29,6 +29,7 @@ BAD_ITEM_CODES: dict[str, str] = {
     "unknown_handler": "no handler of that name is configured",
     "item_too_large": "the message is larger than limits.max_item_bytes",
     "missing_template_field": "the handler's prompt names a field the item does not carry",
+    "bad_pipeline_state": "a message on a pipeline's subject looks like a step message but cannot be read",
 }
 
 # Provider and processing failures.

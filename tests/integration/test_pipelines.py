@@ -200,3 +200,22 @@ async def test_bad_pipeline_definitions_are_refused_naming_the_key(
             assert key in str(exc), (key, str(exc))
         else:
             raise AssertionError(f"{key}: accepted")
+
+
+async def test_files_dropped_in_a_pipelines_folder_come_back_with_every_steps_result(
+    make_daemon, tmp_path, nc, prefix
+) -> None:
+    from tests.integration.test_folders import drop, lines, wait_for
+
+    await make_daemon(batching=BATCHING, folders={"settle_s": 0.3}, handlers=HANDLERS, pipelines=triage())
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    emails = sorted((FIXTURES / "emails").glob("*.eml"))[:4]
+    for path in emails:
+        drop(path, inbox / "triage" / path.name)
+    expected = [outbox / "triage" / f"{p.name}.results.jsonl" for p in emails]
+    await wait_for(lambda: all(p.exists() for p in expected), "every results file", 60)
+    for path in expected:
+        [event] = lines(path)
+        assert event["status"] == "ok" and event["handler"] == "triage", event
+        assert {"extract", "classify"} <= set(event["result"]) and event["steps"][0]["route"] == "batch"
+    assert sorted(p.name for p in (inbox / ".done").iterdir()) == sorted(p.name for p in emails)
