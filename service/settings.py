@@ -27,8 +27,8 @@ from pydantic_settings import (
 )
 
 from handlers import HandlerConfigError, HandlerSpec, build_registry
-from service.core.chain import PipelineConfigError, PipelineSpec, build_pipelines, referenced_handlers
 from service.core.cost import Price, supports_flex
+from service.core.pipelines import PipelineConfigError, PipelineSpec, build_pipelines, referenced_handlers
 from service.core.redact import url_secrets
 
 DEFAULT_CONFIG = Path("config/enrichd.toml")

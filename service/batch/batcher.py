@@ -45,11 +45,11 @@ from service.batch.submit import Submitter
 from service.contract.subjects import Subjects
 from service.core.batch_info import BatchInfo
 from service.core.batching import BatchPolicy, BufferState
-from service.core.chain import PipelineSpec
 from service.core.cost import Price
 from service.core.errors import ProviderError
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES
 from service.core.packing import PackLimits
+from service.core.pipelines import PipelineSpec
 from service.observability import telemetry
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics

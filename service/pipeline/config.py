@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 from handlers import HandlerSpec
 from service.core import retry as retry_core
-from service.core.chain import PipelineSpec
 from service.core.cost import Price
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES
+from service.core.pipelines import PipelineSpec
 from service.core.routing import RoutingRules
 from service.pipeline.packer import DEFAULT_LINGER_S, PackLimits
 

@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import logging
 import random
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,6 @@ from opentelemetry import trace
 
 from handlers import HandlerSpec
 from service import failpoints
-from service.core import chain as chain_core
 from service.core import endings
 from service.core.budget import seconds_until_next_day
 from service.core.cost import supports_flex
@@ -33,7 +31,6 @@ from service.core.intake import (
     buffer_record,
     buffer_write,
     prepare,
-    prepare_next,
     too_large_to_buffer,
 )
 from service.core.items import Item
@@ -47,6 +44,7 @@ from service.core.routing import (
 )
 from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
+from service.pipeline.chained import Chained
 from service.pipeline.config import Clock, PipelineConfig, utcnow
 from service.pipeline.counters import Counters
 from service.pipeline.finish import Finish
@@ -139,6 +137,14 @@ class Pipeline:
             pipelines=config.pipelines,
             intake_prefix=config.intake_prefix,
         )
+        self._chained = Chained(
+            config=config,
+            store=store,
+            finish=self._finish,
+            clock=clock,
+            answer_step=self._answer_step,
+            finish_bad=self._finish_bad,
+        )
         self.promoter: Promoter | None = None
         if marks is not None:
             answer = PromotedAnswer(
@@ -214,13 +220,13 @@ class Pipeline:
             self.counters.received += 1
             self._metrics.received.add(1, {"handler": msg.handler})
         if chain is not None and msg.seq is None:
-            return await self._run_pipeline_here(prepared)
+            return await self._chained.run_here(prepared)
         if prepared.error is not None:
             return await self._finish_bad(prepared, prepared.error)
         item, body = prepared.item, prepared.body
         assert item is not None and body is not None
         if chain is not None and _starts_pipeline(prepared):
-            answered = await self._pipeline_answered(prepared)
+            answered = await self._chained.answered(prepared)
             if answered is not None:
                 return answered
         spec = self.config.registry[item.handler]
@@ -256,58 +262,18 @@ class Pipeline:
                 )
         return await self._finish.finish(outcome, item=item, intake=intake)
 
-    # -- pipelines (CONTRACT §14) ---------------------------------------------------------
-
-    async def _pipeline_answered(self, prepared: Prepared) -> dict[str, Any] | None:
-        """An item fed to a pipeline whose final answer (same id, same pipeline version)
-        is stored: answered from the store, no step runs."""
-        chain, item = prepared.chain, prepared.item
-        assert chain is not None and item is not None
-        pipeline = self.config.pipelines[chain.pipeline]
-        stored = await self.store.get(pipeline.name, item.id, pipeline.version)
-        if stored is None:
-            return None
-        as_fed = dataclasses.replace(item, handler=pipeline.name)
-        return await self._finish.from_store(prepared.intake, as_fed, stored)
-
-    async def _run_pipeline_here(self, prepared: Prepared) -> dict[str, Any] | None:
-        """A request on ``enrich.sync.<pipeline>``: every step at once, on the sync route,
-        one after the other; the reply is the pipeline's final event. Each step's answer
-        is stored as it comes (a later request for the same item pays nothing again)."""
-        request_id = uuid.uuid4().hex
-        if prepared.error is None:
-            answered = await self._pipeline_answered(prepared)
-            if answered is not None:
-                return answered
-        current = prepared
-        while True:
-            chain, item = current.chain, current.item
-            assert chain is not None
-            if current.error is not None or item is None or current.body is None:
-                assert current.error is not None
-                if item is None:  # the item itself is bad: an ordinary bad-item ending
-                    return await self._finish_bad(current, current.error)
-                step_event = await self._finish_bad(current, current.error)
-            else:
-                spec = self.config.registry[item.handler]
-                stored = await self.store.get(item.handler, item.id, spec.version)
-                if stored is not None:
-                    step_event = await self._finish.from_store(current.intake, item, stored, chain=chain)
-                else:
-                    answer = await self._single_flight(current, spec, current.body, force_sync=True)
-                    assert answer is not None
-                    step_event = answer
-            pipeline = self.config.pipelines[chain.pipeline]
-            after = chain_core.after_step(pipeline, chain, step_event, now=self.clock())
-            if isinstance(after, chain_core.Final):
-                return await self._finish.final(after, chain, request_id=request_id)
-            current = prepare_next(
-                current.intake,
-                after.state,
-                pipeline,
-                self.config.registry,
-                max_tokens_param=self.config.max_tokens_param,
-            )
+    async def _answer_step(self, prepared: Prepared) -> dict[str, Any]:
+        """One step of a pipeline run at once (pipeline/chained.py): from the store, else
+        a sync call; its ending written (stored), its event returned."""
+        item, body = prepared.item, prepared.body
+        assert item is not None and body is not None
+        spec = self.config.registry[item.handler]
+        stored = await self.store.get(item.handler, item.id, spec.version)
+        if stored is not None:
+            return await self._finish.from_store(prepared.intake, item, stored, chain=prepared.chain)
+        answer = await self._single_flight(prepared, spec, body, force_sync=True)
+        assert answer is not None
+        return answer
 
     # -- the sync route -------------------------------------------------------------------
 
