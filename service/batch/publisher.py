@@ -137,7 +137,8 @@ class Publisher:
             )
             if ending.cached:
                 self.tally["cached"] += 1
-                self.metrics.outcome(ending.event, (now - received).total_seconds())
+                seen = {**ending.event, "step_of": r["chain"]["pipeline"]} if r.get("chain") else ending.event
+                self.metrics.outcome(seen, (now - received).total_seconds())
             answered.append(m)
             if self._chain_of(r) is not None:  # a pipeline step: on to what follows it
                 messages.extend(self.after_step(r, ending.event))
@@ -300,10 +301,12 @@ class Publisher:
         )
         event = ending.event
         latency_s = (outcome.completed_at - outcome.received_at).total_seconds()
+        # a pipeline step's event is counted as a step, not as a result of its own
+        seen = {**event, "step_of": item["chain"]["pipeline"]} if item.get("chain") else event
         if observed is None:
-            self.metrics.outcome(event, latency_s)
+            self.metrics.outcome(seen, latency_s)
         else:
-            observed.append((event, latency_s))
+            observed.append((seen, latency_s))
         if self.alerts is not None:
             self.alerts.outcome(ok=outcome.ok)
         if log.isEnabledFor(ending.log_level):

@@ -99,6 +99,30 @@ def handler_rows(settings: Settings, tallies: dict[str, Any]) -> list[dict[str, 
     return rows
 
 
+def pipeline_rows(settings: Settings, tallies: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per configured pipeline (CONTRACT §14): its version, and today's items per
+    step (ok / error / skipped) and finished items."""
+    rows = []
+    for name, spec in sorted(settings.pipeline_specs.items()):
+        tally = tallies.get(name) or {}
+        counts = tally.get("steps") or {}
+        rows.append(
+            {
+                "pipeline": name,
+                "version": spec.version,
+                "steps": [
+                    {
+                        "handler": h,
+                        **{k: int((counts.get(h) or {}).get(k, 0)) for k in ("ok", "error", "skipped")},
+                    }
+                    for h in spec.handlers
+                ],
+                "finished": {k: int((tally.get("finished") or {}).get(k, 0)) for k in ("ok", "error")},
+            }
+        )
+    return rows
+
+
 async def _buffers(js: JetStreamContext, subjects: Subjects) -> list[dict[str, Any]]:
     stream = subjects.stream("BUFFER")
     info = await js.stream_info(stream, subjects_filter=subjects.buffer_filter)
@@ -140,6 +164,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
         estimated = round(sum(r["today"]["estimated_usd"] for r in rows), 8)
         return {
             "handlers": rows,
+            "pipelines": pipeline_rows(settings, today.get("pipelines", {})),
             "today": {
                 "cost_usd": {k: round(v, 6) for k, v in today["cost_usd"].items()},
                 "results": today["results"],
@@ -174,6 +199,16 @@ async def collect(settings: Settings) -> dict[str, Any]:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _pipelines_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="pipelines (today: items per step, ok / error / skipped)")
+    for column in ("pipeline", "version", "steps", "finished ok / error"):
+        table.add_column(column, no_wrap=True)
+    for p in rows:
+        steps = " → ".join(f"{st['handler']} {st['ok']}/{st['error']}/{st['skipped']}" for st in p["steps"])
+        table.add_row(p["pipeline"], p["version"], steps, f"{p['finished']['ok']} / {p['finished']['error']}")
+    return table
 
 
 def render(status: dict[str, Any]) -> Group:
@@ -263,7 +298,10 @@ def render(status: dict[str, Any]) -> Group:
             money(t["estimated_usd"]),
             _ratio(t["estimate_over_billed"]),
         )
-    parts: list[Any] = [summary, handlers, buffers, batches]
+    parts: list[Any] = [summary, handlers]
+    if status.get("pipelines"):
+        parts.append(_pipelines_table(status["pipelines"]))
+    parts += [buffers, batches]
     if status["files"]:
         files = Table(title="watched-folder files")
         for column in ("file", "handler", "state", "progress", "done"):

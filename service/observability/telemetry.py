@@ -32,6 +32,12 @@ class Metrics:
             "enrichd.tokens", unit="{token}", description="Tokens billed, by model, route and direction"
         )
         self.cost = meter.create_counter("enrichd.cost", unit="USD", description="Cost, by model and route")
+        self.pipeline_steps = meter.create_counter(
+            "enrichd.pipeline.steps",
+            unit="1",
+            description="Steps of finished pipeline items, by pipeline, step, route and status "
+            "(ok, error, skipped)",
+        )
         self.latency = meter.create_histogram(
             "enrichd.item.latency", unit="s", description="Intake to result, by route"
         )
@@ -81,18 +87,40 @@ class Metrics:
             if event["status"] == "error" and event.get("error"):
                 add(self.dead_letters, 1, {"handler": event["handler"], "code": event["error"]["code"]})
             usage = event.get("usage") or {}
+            if event.get("steps") is not None:  # a pipeline's end: its steps were counted as they ran
+                self._pipeline(event, add)
+                if latency_s is not None:
+                    self.latency.record(latency_s, {"route": "pipeline"})
+                continue
             if not cached and event.get("model"):
-                model_attrs = {"model": event["model"], "route": route}
-                for direction in ("input", "output"):
-                    count = usage.get(f"{direction}_tokens")
-                    if count:
-                        add(self.tokens, count, {**model_attrs, "direction": direction})
-                if event.get("cost_usd"):
-                    add(self.cost, event["cost_usd"], model_attrs)
+                self._spend(event, usage, add)
             if latency_s is not None:
                 self.latency.record(latency_s, {"route": route})
         for (counter, frozen), value in sums.items():
             counter.add(value, dict(frozen))
+
+    def _spend(
+        self, event: dict[str, Any], usage: dict[str, Any], add: Callable[[Any, float, dict[str, str]], None]
+    ) -> None:
+        model_attrs = {"model": event["model"], "route": event["route"]}
+        for direction in ("input", "output"):
+            count = usage.get(f"{direction}_tokens")
+            if count:
+                add(self.tokens, count, {**model_attrs, "direction": direction})
+        if event.get("cost_usd"):
+            add(self.cost, event["cost_usd"], model_attrs)
+
+    def _pipeline(self, event: dict[str, Any], add: Callable[[Any, float, dict[str, str]], None]) -> None:
+        pipeline = str(event["handler"])
+        for step in event.get("steps") or ():
+            attrs = {"pipeline": pipeline, "step": str(step.get("handler")), "route": str(step.get("route"))}
+            add(self.pipeline_steps, 1, {**attrs, "status": str(step.get("status", "ok"))})
+        for name in event.get("skipped") or ():
+            add(
+                self.pipeline_steps,
+                1,
+                {"pipeline": pipeline, "step": str(name), "route": "-", "status": "skipped"},
+            )
 
 
 class BufferView(Protocol):

@@ -65,7 +65,8 @@ class Finish:
             if outcome.ok:
                 await self._store.put(step_event, intake_seq=intake.seq)
                 failpoints.hit("after_step_stored")  # the step paid and stored, the next not started
-            self._metrics.outcome(step_event, (outcome.completed_at - outcome.received_at).total_seconds())
+            latency_s = (outcome.completed_at - outcome.received_at).total_seconds()
+            self._metrics.outcome({**step_event, "step_of": chain.pipeline}, latency_s)  # a step, no result
             self._counters.steps += 1
             if intake.seq is not None:
                 await self.go_on(chain, step_event)

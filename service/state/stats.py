@@ -64,6 +64,7 @@ def empty_day() -> dict[str, Any]:
         "results": {"ok": 0, "error": 0},
         "hours": {},
         "handlers": {},
+        "pipelines": {},
     }
 
 
@@ -116,11 +117,21 @@ def add_event(
     estimate: tuple[int, float | None] | None = None,
 ) -> None:
     """Count one result event into a day's tally. ``estimate``: (output tokens, cost) the
-    estimate expected for it, when it is a paid ``ok`` result. Pure."""
+    estimate expected for it, when it is a paid ``ok`` result. Pure.
+
+    A pipeline (CONTRACT §14): each step's event (``step_of``, never published) counts
+    its cost and tokens under its handler but is no result; the pipeline's final event
+    is the result, counted with its steps (ok / error / skipped) under ``pipelines``, and
+    its summed cost is not counted again."""
     status = "ok" if event.get("status") == "ok" else "error"
-    day["results"][status] = day["results"].get(status, 0) + 1
-    hour = f"{now.astimezone(UTC).hour:02d}"
-    day["hours"][hour] = day["hours"].get(hour, 0) + 1
+    if event.get("steps") is not None:
+        _add_pipeline(day, event, status)
+    if "step_of" not in event:
+        day["results"][status] = day["results"].get(status, 0) + 1
+        hour = f"{now.astimezone(UTC).hour:02d}"
+        day["hours"][hour] = day["hours"].get(hour, 0) + 1
+    if event.get("steps") is not None:
+        return
     route = event.get("route") or "sync"
     if event.get("cost_usd"):
         day["cost_usd"][route] = day["cost_usd"].get(route, 0.0) + float(event["cost_usd"])
@@ -142,6 +153,21 @@ def add_event(
         leaf[key] = leaf.get(key, 0) + value
 
 
+def _add_pipeline(day: dict[str, Any], event: dict[str, Any], status: str) -> None:
+    tally = day.setdefault("pipelines", {}).setdefault(str(event.get("handler")), {})
+    finished = tally.setdefault("finished", {})
+    finished[status] = finished.get(status, 0) + 1
+    steps = tally.setdefault("steps", {})
+    for step in event.get("steps") or ():
+        if isinstance(step, dict):
+            counts = steps.setdefault(str(step.get("handler")), {})
+            key = step.get("status", "ok")
+            counts[key] = counts.get(key, 0) + 1
+    for name in event.get("skipped") or ():
+        counts = steps.setdefault(str(name), {})
+        counts["skipped"] = counts.get("skipped", 0) + 1
+
+
 def _add_tree(into: dict[str, Any], tree: Any) -> None:
     """Sum a nested dict of numbers into ``into`` (keys missing on either side are fine)."""
     if not isinstance(tree, dict):
@@ -159,7 +185,7 @@ def _add_tree(into: dict[str, Any], tree: Any) -> None:
 def merge(days: list[dict[str, Any]]) -> dict[str, Any]:
     out = empty_day()
     for day in days:
-        for section in ("cost_usd", "results", "hours", "handlers"):
+        for section in ("cost_usd", "results", "hours", "handlers", "pipelines"):
             _add_tree(out[section], day.get(section, {}))
     return out
 

@@ -219,3 +219,34 @@ async def test_files_dropped_in_a_pipelines_folder_come_back_with_every_steps_re
         assert event["status"] == "ok" and event["handler"] == "triage", event
         assert {"extract", "classify"} <= set(event["result"]) and event["steps"][0]["route"] == "batch"
     assert sorted(p.name for p in (inbox / ".done").iterdir()) == sorted(p.name for p in emails)
+
+
+async def test_status_shows_items_per_step_and_metrics_count_each_step(make_daemon, nc, prefix) -> None:
+    import asyncio
+
+    from service.cli.status import collect
+
+    js = nc.jetstream()
+    daemon = await make_daemon(batching=BATCHING, handlers=HANDLERS, pipelines=triage())
+    items = sample_emails()
+    await publish_items(js, f"{prefix}.in.triage", items)
+    got = await final_events(js, daemon, prefix, len(items))
+    ran = {
+        h: sum(1 for e in got for s in e["steps"] if s["handler"] == h)
+        for h in ("extract", "classify", "draft_reply")
+    }
+    skipped = sum(1 for e in got if e["skipped"])
+    assert daemon.stats is not None
+    for _ in range(100):
+        await daemon.stats.save()
+        status = await collect(daemon.settings)
+        [row] = status["pipelines"]
+        if row["finished"]["ok"] == len(items):
+            break
+        await asyncio.sleep(0.2)
+    assert row["pipeline"] == "triage" and row["finished"] == {"ok": len(items), "error": 0}
+    by_step = {s["handler"]: s for s in row["steps"]}
+    assert {h: by_step[h]["ok"] for h in ran} == ran
+    assert by_step["draft_reply"]["skipped"] == skipped
+    # results today count the pipeline's items once each (not their steps)
+    assert status["today"]["results"]["ok"] == len(items)
