@@ -385,7 +385,11 @@ class Publisher:
         after = chain_core.after_step(pipeline, state, step_event, now=self.calendar())
         if isinstance(after, chain_core.NextStep):
             body = self.redact(dumps(after.state.envelope())).encode()
-            return [(self.subjects.intake(pipeline.name), body, {"Nats-Msg-Id": after.msg_id})]
+            if len(body) <= self.max_message_bytes:
+                return [(self.subjects.intake(pipeline.name), body, {"Nats-Msg-Id": after.msg_id})]
+            after = chain_core.too_large(
+                pipeline, after.state, len(body), self.max_message_bytes, now=self.calendar()
+            )
         ending = endings.end(
             after.outcome,
             intake_seq=state.origin_seq,

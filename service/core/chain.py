@@ -256,6 +256,21 @@ def after_step(
     return _final(pipeline, ended, now=now)
 
 
+def too_large(pipeline: PipelineSpec, state: ChainState, size: int, limit: int, *, now: datetime) -> Final:
+    """The message of ``state``'s step (it carries the earlier results) would not fit a
+    NATS message: the item ends here, its error naming that step."""
+    message = (
+        f"the step's message is {size} bytes with the earlier steps' results; NATS takes at most "
+        f"{limit} (the server's max_payload less headers)"
+    )
+    failed = {
+        "status": "error",
+        "error": {"code": "item_too_large", "message": message, "retryable": False},
+        "attempts": 0,
+    }
+    return _final(pipeline, state, now=now, failed=failed, failed_step=state.handler(pipeline))
+
+
 def _final(
     pipeline: PipelineSpec,
     state: ChainState,

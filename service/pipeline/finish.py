@@ -112,7 +112,13 @@ class Finish:
         after = chain_core.after_step(pipeline, chain, step_event, now=self._clock())
         if isinstance(after, Final):
             return await self.final(after, chain, request_id=request_id)
-        await self._sink.step(after.handler, after.state.envelope(), msg_id=after.msg_id)
+        payload = self._sink.encode(after.state.envelope())
+        if len(payload) > self._sink.max_bytes:
+            ended = chain_core.too_large(
+                pipeline, after.state, len(payload), self._sink.max_bytes, now=self._clock()
+            )
+            return await self.final(ended, chain, request_id=request_id)
+        await self._sink.step(after.handler, payload, msg_id=after.msg_id)
         return None
 
     async def final(

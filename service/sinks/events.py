@@ -88,11 +88,11 @@ class EventSink:
         if headers["Nats-Msg-Id"] == plain:
             await keep_second_answer(self._js, self._subjects, ack, subject, payload, headers)
 
-    async def step(self, pipeline: str, body: dict[str, Any], *, msg_id: str) -> None:
-        """Publish a pipeline's next step on ``<prefix>.in.<pipeline>`` (service/core/chain.py)."""
+    async def step(self, pipeline: str, payload: bytes, *, msg_id: str) -> None:
+        """Publish a pipeline's next step (encoded) on ``<prefix>.in.<pipeline>`` (service/core/chain.py)."""
         await self._js.publish(
             self._subjects.intake(pipeline),
-            self.encode(body),
+            payload,
             headers={"Nats-Msg-Id": msg_id},
             timeout=self._timeout_s,
         )

@@ -192,3 +192,29 @@ def test_a_step_message_of_another_shape_is_a_bad_item() -> None:
         with pytest.raises(BadItemError):
             chain.read_envelope(data, spec)
     assert chain.read_envelope({"text": "a plain item"}, spec) is None
+
+
+def test_the_worked_example_config_loads() -> None:
+    from pathlib import Path
+
+    from service.settings import load_settings
+
+    example = Path(__file__).parents[2] / "config" / "examples" / "triage.toml"
+    settings = load_settings(example)
+    triage = settings.pipeline_specs["triage"]
+    assert triage.handlers == ("extract", "classify_mail", "draft_reply")
+    assert triage.steps[2].when[0].holds({"classify_mail": {"label": "complaint"}})
+
+
+def test_a_next_step_too_large_for_nats_ends_the_item_naming_that_step() -> None:
+    spec = build_pipelines({"t": TRIAGE}, registry())["t"]
+    state = chain.start(spec, {"id": "m1", "text": "hi"}, origin_seq=7, received_at=NOW)
+    nxt = chain.after_step(spec, state, step_event("extract", {"people": ["x" * 50]}), now=NOW)
+    assert isinstance(nxt, NextStep)
+    final = chain.too_large(spec, nxt.state, 2_000_000, 1_000_000, now=NOW)
+    error = final.outcome.error
+    assert error is not None and (error.code, error.step) == ("item_too_large", "classify")
+    assert [s["handler"] for s in final.extra["steps"]] == ["extract", "classify"]
+    assert (
+        final.outcome.usage is not None and final.outcome.usage.input_tokens == 10
+    )  # extract's, still counted
