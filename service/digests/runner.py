@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from handlers import HandlerSpec
+from service import failpoints
 from service.contract.subjects import Subjects
 from service.core import digests as core
 from service.core.digest_spec import DigestSettings, DigestSpec
@@ -275,6 +276,7 @@ class Digests:
             log.warning("digest failed", extra=failed)
             await self._sink.lifecycle("digest.failed", failed, msg_id=f"{msg_id}:failed")
         await self._sink.result(event, msg_id=msg_id)
+        failpoints.hit("digest_after_publish")  # published, the group not yet marked done
         self._metrics.outcome(event, (now - window.end).total_seconds())
 
     def _fit(self, event: dict[str, Any]) -> dict[str, Any]:
