@@ -258,4 +258,5 @@ async def test_sigkill_mid_window_then_restart(failpoint, nats_url, nc, prefix, 
     closed_while_down = [
         e for e in events if killed_at < ts(e["digest"]["window_end"]) + GRACE < restarted_at
     ]
-    assert closed_while_down, "no window closed while the daemon was down"
+    if failpoint is None:  # killed mid-window by the test: the next window closed while down
+        assert closed_while_down, "no window closed while the daemon was down"
