@@ -258,5 +258,7 @@ async def test_sigkill_mid_window_then_restart(failpoint, nats_url, nc, prefix, 
     closed_while_down = [
         e for e in events if killed_at < ts(e["digest"]["window_end"]) + GRACE < restarted_at
     ]
+    if failpoint is not None:  # the re-run after the kill took the stored answer: no call paid twice
+        assert emulator.stats["requests_by_model"].get("gpt-4.1-nano", 0) == len(events)
     if failpoint is None:  # killed mid-window by the test: the next window closed while down
         assert closed_while_down, "no window closed while the daemon was down"
