@@ -18,7 +18,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from devkit.process import DaemonProcess
+from service.contract.asyncapi import build_document
 from tests.conftest import TEST_KEY
+from tests.unit.test_asyncapi import assert_valid
 
 REVIEW = {
     "model": "gpt-4.1-nano",
@@ -138,6 +140,11 @@ async def test_every_member_in_exactly_one_digest(make_daemon, nc, prefix, emula
     ]
     assert sorted(e["window_start"] for e in lifecycle) == sorted(e["digest"]["window_start"] for e in events)
     assert sum(e["members"] for e in lifecycle) == len(ids)
+    doc = build_document()  # the events match docs/asyncapi.json
+    for event in events:
+        assert_valid(doc, "ResultEvent", event)
+    for body in lifecycle:
+        assert_valid(doc, "DigestClosedEvent", body)
 
 
 async def test_three_replicas_one_digest_per_window_and_group(
