@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from devkit.process import DaemonProcess
+from service.cli.status import collect, render
 from service.contract.asyncapi import build_document
 from tests.conftest import TEST_KEY
 from tests.unit.test_asyncapi import assert_valid
@@ -113,7 +114,7 @@ def check_exactly_once(
 
 
 async def test_every_member_in_exactly_one_digest(make_daemon, nc, prefix, emulator) -> None:
-    await make_daemon(
+    daemon = await make_daemon(
         handlers={"review": REVIEW},
         digests={"grace_s": 1, "quick": {"source": "tags", "every": "3s", "handler": "review"}},
     )
@@ -122,6 +123,13 @@ async def test_every_member_in_exactly_one_digest(make_daemon, nc, prefix, emula
     for part in range(4):  # spread over a few windows
         await publish_urgent(js, prefix, ids[part * 50 : (part + 1) * 50])
         await asyncio.sleep(2.0)
+    status = await collect(daemon.settings)  # `enrichd status` shows the open window
+    (row,) = status["digests"]
+    assert (
+        row["digest"] == "quick" and row["schedule"] == "every 3s" and row["closes_at"] > row["window_start"]
+    )
+    assert 0 <= row["members_so_far"] <= len(ids)
+    render(status)
     events = await wait_members(js, prefix, "quick", len(ids))
     check_exactly_once(events, ids, await out_times(js, prefix, "tags"))
     assert all(
