@@ -63,6 +63,8 @@ class WindowLease:
         return self._clock().timestamp() + seconds
 
     async def renew(self) -> None:
+        if self._record.window is None:  # closed meanwhile: nothing to hold
+            return
         await self._write(
             self._record.with_window(replace(self.window, lease_until=self._until(self._lease_s)))
         )
