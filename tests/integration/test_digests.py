@@ -204,6 +204,39 @@ async def test_members_beyond_the_context_are_reduced_hierarchically(
     assert big["usage"]["input_tokens"] > 400 and big["cost_usd"] > 0  # sums of every call
 
 
+async def test_a_permanent_failure_is_an_error_event_and_a_dlq_entry_once(make_daemon, nc, prefix) -> None:
+    # the prompt and the answer leave no room for items in a 256-token context: permanent
+    await make_daemon(
+        handlers={"review": {**REVIEW, "max_output_tokens": 300}},
+        digests={
+            "grace_s": 1,
+            "doomed": {"source": "tags", "every": "3s", "handler": "review", "context_tokens": 256},
+        },
+    )
+    js = nc.jetstream()
+    ids = [f"e{i:03d}" for i in range(12)]
+    await publish_urgent(js, prefix, ids)
+    events = await wait_members(js, prefix, "doomed", len(ids))
+    await asyncio.sleep(4.0)  # a window later: the failed window is not run again
+    again = [json.loads(m.data) for m in await read_all(js, prefix.upper() + "_OUT", f"{prefix}.out.doomed")]
+    assert len(again) == len(events)
+    assert sorted(i for e in events for i in e["digest"]["member_ids"]) == ids
+    for e in events:
+        assert e["status"] == "error" and e["result"] is None
+        assert e["error"]["code"] == "digest_context_too_small" and e["error"]["retryable"] is False
+    dlq = [json.loads(m.data) for m in await read_all(js, prefix.upper() + "_DLQ", f"{prefix}.dlq.doomed")]
+    assert sorted(d["id"] for d in dlq) == sorted(e["id"] for e in events)
+    assert all(d["item"] is None and d["digest"]["members"] > 0 for d in dlq)  # the descriptor, no text
+    failed = [
+        json.loads(m.data)
+        for m in await read_all(js, prefix.upper() + "_EVENTS", f"{prefix}.events.digest.failed")
+    ]
+    assert sorted(f["window_start"] for f in failed) == sorted(e["digest"]["window_start"] for e in events)
+    doc = build_document()
+    for body in failed:
+        assert_valid(doc, "DigestFailedEvent", body)
+
+
 def daemon_env(tmp_path: Path, nats_url: str, prefix: str, base_url: str, config: str) -> dict[str, str]:
     path = tmp_path / "digests.toml"
     path.write_text(config)
