@@ -237,6 +237,20 @@ async def test_a_permanent_failure_is_an_error_event_and_a_dlq_entry_once(make_d
         assert_valid(doc, "DigestFailedEvent", body)
 
 
+async def test_the_out_stream_keeps_twice_the_longest_window(make_daemon, nc, prefix, tmp_path) -> None:
+    digests = {"long": {"source": "tags", "every": "5d", "handler": "review"}}
+    await make_daemon(handlers={"review": REVIEW}, digests=digests)
+    js = nc.jetstream()
+    info = await js.stream_info(prefix.upper() + "_OUT")
+    assert info.config.max_age >= 10 * 86_400  # raised from the default 7 days
+    raised = info.config.max_age
+    short = {"short": {"source": "tags", "every": "1m", "handler": "review"}}
+    await make_daemon(
+        handlers={"review": REVIEW}, digests=short, instance_id="other", state_dir=tmp_path / "s2"
+    )
+    assert (await js.stream_info(prefix.upper() + "_OUT")).config.max_age == raised  # never lowered
+
+
 def daemon_env(tmp_path: Path, nats_url: str, prefix: str, base_url: str, config: str) -> dict[str, str]:
     path = tmp_path / "digests.toml"
     path.write_text(config)
