@@ -26,8 +26,9 @@ from service.broker.connect import (
 )
 from service.broker.embedded import EmbeddedNats
 from service.contract.subjects import Subjects
-from service.core.events import HEADER_ROOM, iso
+from service.core.events import iso
 from service.core.redact import Redactor, redact_url, servers
+from service.digests.runner import Digests
 from service.observability import telemetry, tracing
 from service.observability.alerts import Alerter
 from service.observability.health import HealthServer
@@ -77,6 +78,7 @@ class Daemon:
         self.batcher: Batcher | None = None
         self.alerts: Alerter | None = None
         self.stats: DailyStats | None = None
+        self.digests: Digests | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.notifier = Notifier()
         self.ready = asyncio.Event()
@@ -136,15 +138,7 @@ class Daemon:
             js, self.subjects.results_bucket, ttl_s=s.results.ttl_s, replicas=s.nats.stream_replicas
         )
         assert self._provider is not None
-        # Every message the daemon writes for an item must fit the server's max_payload
-        # (less room for headers); the accepted item size is bounded by it too.
-        max_message = broker.config.connection_state.connection.max_payload - HEADER_ROOM
-        max_item = min(s.limits.max_item_bytes, max_message)
-        if max_item < s.limits.max_item_bytes:
-            log.info(
-                "items are limited by the NATS server's max_payload",
-                extra={"max_item_bytes": max_item, "configured": s.limits.max_item_bytes},
-            )
+        max_message, max_item = wiring.item_limits(s, broker.config.connection_state.connection.max_payload)
         sink = self._sink = EventSink(js, self.subjects, self.redact, max_bytes=max_message)
         results = ResultStore(kv, self.subjects.results_bucket)
         self.alerts = wiring.alerter(s, sink)
@@ -163,7 +157,7 @@ class Daemon:
             store=results,
             sink=sink,
             clock=self.clock,
-            limiter=await wiring.open_limiter(js, s, self.subjects),
+            limiter=(limiter := await wiring.open_limiter(js, s, self.subjects)),
             ledger=ledger,
             metrics=self.metrics,
             alerts=self.alerts,
@@ -171,6 +165,9 @@ class Daemon:
             on_buffered=self._wake_batcher,
             budget_recheck_s=s.budget.recheck_s,
             marks=marks,
+        )
+        self.digests = await wiring.build_digests(
+            js, s, self.subjects, self.pipeline, self._provider, limiter, sink, self.metrics, self.alerts
         )
         self.stats = await wiring.open_stats(js, s, self.subjects, clock=self.clock)
         self.metrics.listeners.append(self.stats.record)
@@ -228,6 +225,8 @@ class Daemon:
         self._spawn(self.stats.loop(), "stats")
         if self.pipeline.promoter is not None:
             self._spawn(self.pipeline.promoter.loop(), "promote")
+        if self.digests is not None:
+            self._spawn(self.digests.loop(), "digests")
         if self._embedded is not None:
             self._spawn(self._embedded.watch(self._fail), "embedded-nats")
         self.ready.set()

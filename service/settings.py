@@ -8,6 +8,7 @@ import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import (
     BaseModel,
@@ -28,6 +29,8 @@ from pydantic_settings import (
 
 from handlers import HandlerConfigError, HandlerSpec, build_registry
 from service.core.cost import Price, supports_flex
+from service.core.digest_spec import DigestConfigError, DigestSettings, parse_digests
+from service.core.digests import FIELDS as DIGEST_FIELDS
 from service.core.pipelines import PipelineConfigError, PipelineSpec, build_pipelines, referenced_handlers
 from service.core.redact import url_secrets
 
@@ -252,6 +255,7 @@ class Settings(BaseSettings):
     rate_limit_urgent_reserve: float = Field(0.1, ge=0, lt=1)
     _registry: dict[str, HandlerSpec] = PrivateAttr(default_factory=dict)
     _pipelines: dict[str, PipelineSpec] = PrivateAttr(default_factory=dict)
+    _digests: DigestSettings = PrivateAttr(default_factory=DigestSettings)
 
     @field_validator("prices", mode="after")
     @classmethod
@@ -279,6 +283,25 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_digests(self) -> Settings:
+        """[digests] (CONTRACT §15) into typed specs; their handlers' templates may name
+        only the digest fields (service/core/digests.FIELDS) and ``text``."""
+        chat = {name: not spec.is_embedding for name, spec in self._registry.items()}
+        try:
+            parsed = parse_digests(self.digests, tz_of=ZoneInfo, handlers=chat, pipelines=set(self.pipelines))
+        except DigestConfigError as exc:
+            raise ValueError(str(exc)) from None
+        for spec in parsed.specs:
+            extra = sorted(self._registry[spec.handler].template.required_fields - {*DIGEST_FIELDS, "text"})
+            if extra:
+                raise ValueError(
+                    f"digests.{spec.name}.handler: {spec.handler!r} needs field(s) {', '.join(extra)}, "
+                    f"which a digest does not give (it gives {', '.join(DIGEST_FIELDS)} and text)"
+                )
+        self._digests = parsed
+        return self
+
     @property
     def registry(self) -> dict[str, HandlerSpec]:
         return self._registry
@@ -287,6 +310,11 @@ class Settings(BaseSettings):
     def pipeline_specs(self) -> dict[str, PipelineSpec]:
         """The checked ``[pipelines.<name>]`` (service/core/chain.py)."""
         return self._pipelines
+
+    @property
+    def digest_specs(self) -> DigestSettings:
+        """The validated [digests] (service/core/digest_spec.py)."""
+        return self._digests
 
     @property
     def instance(self) -> str:

@@ -6,6 +6,7 @@ return (its tasks, its shutdown)."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,24 +20,33 @@ from service.contract.subjects import Subjects
 from service.core.alerts import AlertRules
 from service.core.batching import BatchPolicy, Window
 from service.core.budget import Caps
+from service.core.events import HEADER_ROOM
 from service.core.packing import PackLimits
 from service.core.ratelimit import Limits
 from service.core.redact import Redactor
 from service.core.retry import RetryPolicy
 from service.core.routing import RoutingRules
+from service.core.schedules import longest_window_s
+from service.digests.reduce import Reducer
+from service.digests.runner import Digests, reader
+from service.observability import telemetry
 from service.observability.alerts import Alerter
 from service.observability.telemetry import Metrics
 from service.pipeline.config import Clock, PipelineConfig
+from service.pipeline.process import Pipeline
+from service.pipeline.sync_call import SyncCall
 from service.providers.openai_batch import OpenAIBatchProvider
 from service.providers.openai_sync import OpenAISyncProvider
 from service.settings import Settings
 from service.sinks.events import EventSink
 from service.state.batches import BatchStore
 from service.state.budget import Ledger
+from service.state.digests import DigestBook
 from service.state.limits import SharedLimiter
 from service.state.promoted import PromotedMarks
 from service.state.results import ResultStore
 from service.state.stats import DailyStats, HandlerFacts
+from service.state.streams import keep_at_least
 
 log = logging.getLogger("enrichd")
 
@@ -78,6 +88,20 @@ async def start_provider(s: Settings) -> ProviderStart:
         project=s.openai.project,
     )
     return ProviderStart(client=client, url=url, emulator=emulator)
+
+
+def item_limits(s: Settings, max_payload: int) -> tuple[int, int]:
+    """(largest message, largest item): every message the daemon writes for an item must
+    fit the server's max_payload (less room for headers); the accepted item size is
+    bounded by it too."""
+    max_message = max_payload - HEADER_ROOM
+    max_item = min(s.limits.max_item_bytes, max_message)
+    if max_item < s.limits.max_item_bytes:
+        log.info(
+            "items are limited by the NATS server's max_payload",
+            extra={"max_item_bytes": max_item, "configured": s.limits.max_item_bytes},
+        )
+    return max_message, max_item
 
 
 def alerter(s: Settings, sink: EventSink) -> Alerter:
@@ -242,3 +266,59 @@ async def build_batcher(
         calendar=clock,
         promotions=promotions,
     )
+
+
+async def build_digests(
+    js: JetStreamContext,
+    s: Settings,
+    subjects: Subjects,
+    pipeline: Pipeline,
+    provider: OpenAISyncProvider,
+    limiter: SharedLimiter | None,
+    sink: EventSink,
+    metrics: Metrics,
+    alerts: Alerter,
+) -> Digests | None:
+    """The digest flow (CONTRACT §15), when digests are configured. Its calls go through
+    a SyncCall like the sync route's, on the same provider, shared limiter, ledger and
+    counters (the pipeline's own is private to it). The OUT stream is made to keep events
+    at least twice the longest window, so a window's members are still there at its end."""
+    digests = s.digest_specs
+    if not digests:
+        return None
+    now = pipeline.clock()
+    longest = max(longest_window_s(spec.schedule, now) for spec in digests.specs)
+    await keep_at_least(js, subjects.stream("OUT"), 2 * longest + 2 * digests.grace_s)
+    caller = SyncCall(
+        provider=provider,
+        retry=pipeline.config.retry,
+        prices=s.price_table,
+        batch_discount=s.batch_discount,
+        clock=pipeline.clock,
+        rng=random.Random(),
+        counters=pipeline.counters,
+        metrics=metrics,
+        tracer=pipeline.tracer,
+        limiter=limiter,
+        ledger=pipeline.ledger,
+        alerts=alerts,
+    )
+    reducer = Reducer(
+        caller=caller, store=pipeline.store, clock=pipeline.clock, max_tokens_param=s.openai.max_tokens_param
+    )
+    flow = Digests(
+        digests,
+        read=reader(js, subjects),
+        book=await DigestBook.open(js, subjects.stream_suffix, replicas=s.nats.stream_replicas),
+        reducer=reducer,
+        sink=sink,
+        subjects=subjects,
+        registry=s.registry,
+        metrics=metrics,
+        clock=pipeline.clock,
+        instance=s.instance,
+        context_tokens=s.packing.context_tokens,
+        budget_recheck_s=s.budget.recheck_s,
+    )
+    telemetry.register_digest_gauges(metrics, lambda: flow.open_windows)
+    return flow

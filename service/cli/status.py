@@ -4,7 +4,7 @@ durable state over NATS, so it works against any replica or none."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -15,9 +15,13 @@ from rich.table import Table
 from service.cli.admin import connect
 from service.cli.views import money
 from service.contract.subjects import Subjects
+from service.core.digests import split_groups
 from service.core.estimates import ROUTES, ratio
+from service.core.events import iso
+from service.core.schedules import window_at, window_from
 from service.settings import Settings
 from service.state.batches import ACTIVE_STATES, BatchRecord, BatchStore
+from service.state.digests import DigestBook, read_window
 from service.state.folder_files import progress as folder_progress
 from service.state.stats import per_hour, read_days
 
@@ -194,7 +198,49 @@ async def collect(settings: Settings) -> dict[str, Any]:
             },
             "dlq_depth": dlq.state.messages,
             "results_stored": out_stream.state.messages,
+            "digests": await _digests(js, settings, subjects),
         }
+
+
+async def _digests(js: JetStreamContext, settings: Settings, subjects: Subjects) -> list[dict[str, Any]]:
+    """Each digest's open window (the one after its cursor): members so far (read from
+    the OUT stream, as the window's close will), when it closes, who runs it."""
+    specs = settings.digest_specs.specs
+    if not specs:
+        return []
+    book = await DigestBook.open(js, subjects.stream_suffix, replicas=settings.nats.stream_replicas)
+    now = datetime.now(UTC)
+    rows = []
+    for spec in specs:
+        got = await book.get(spec.name)
+        if got is None:
+            start, end = window_at(spec.schedule, now)
+            running = None
+        elif got[0].window is not None:
+            lease = got[0].window
+            start, end = datetime.fromtimestamp(lease.start, UTC), datetime.fromtimestamp(lease.end, UTC)
+            running = lease.owner
+        else:
+            start, end = window_from(spec.schedule, datetime.fromtimestamp(got[0].cursor, UTC))
+            running = None
+        events = await read_window(
+            js, subjects.stream("OUT"), subjects.out(spec.source), start, min(end, now)
+        )
+        groups = split_groups(events, spec.group_by)
+        rows.append(
+            {
+                "digest": spec.name,
+                "source": spec.source,
+                "handler": spec.handler,
+                "schedule": spec.schedule_text,
+                "window_start": iso(start),
+                "closes_at": iso(end + timedelta(seconds=settings.digest_specs.grace_s)),
+                "members_so_far": sum(len(m) for m in groups.values()),
+                "groups_so_far": len(groups),
+                "running_on": running,
+            }
+        )
+    return rows
 
 
 def _ratio(value: float | None) -> str:
@@ -208,6 +254,33 @@ def _pipelines_table(rows: list[dict[str, Any]]) -> Table:
     for p in rows:
         steps = " → ".join(f"{st['handler']} {st['ok']}/{st['error']}/{st['skipped']}" for st in p["steps"])
         table.add_row(p["pipeline"], p["version"], steps, f"{p['finished']['ok']} / {p['finished']['error']}")
+    return table
+
+
+def _digests_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="open digest windows")
+    for column in (
+        "digest",
+        "source",
+        "schedule",
+        "since",
+        "members so far",
+        "groups",
+        "closes at",
+        "running on",
+    ):
+        table.add_column(column, no_wrap=True)
+    for d in rows:
+        table.add_row(
+            d["digest"],
+            d["source"],
+            d["schedule"],
+            d["window_start"],
+            str(d["members_so_far"]),
+            str(d["groups_so_far"]),
+            d["closes_at"],
+            d["running_on"] or "-",
+        )
     return table
 
 
@@ -302,6 +375,8 @@ def render(status: dict[str, Any]) -> Group:
     if status.get("pipelines"):
         parts.append(_pipelines_table(status["pipelines"]))
     parts += [buffers, batches]
+    if status.get("digests"):
+        parts.append(_digests_table(status["digests"]))
     if status["files"]:
         files = Table(title="watched-folder files")
         for column in ("file", "handler", "state", "progress", "done"):

@@ -91,6 +91,22 @@ class Usage(BaseModel):
     )
 
 
+class DigestInfo(BaseModel):
+    """The window and group a digest event covers (CONTRACT §15)."""
+
+    window_start: datetime = Field(description="Members' results were published at or after this time...")
+    window_end: datetime = Field(description="...and before this one (JetStream message time).")
+    group: str | None = Field(
+        description="The group_by value; null without group_by (or for members without it)."
+    )
+    members: int = Field(ge=1, description="How many results (distinct item ids) the digest covers.")
+    member_ids: list[str] = Field(description="Their item ids, in publication order.")
+    member_ids_truncated: bool | None = Field(
+        default=None,
+        description="True when member_ids was cut to fit NATS's max_payload (members stays exact).",
+    )
+
+
 class ResultEvent(BaseModel):
     """One result per accepted item; also the reply to a sync request.
 
@@ -170,6 +186,13 @@ class ResultEvent(BaseModel):
     )
     skipped: list[str] | None = Field(
         default=None, description="A pipeline's event only: the steps whose `when` was false."
+    )
+    digest: DigestInfo | None = Field(
+        default=None,
+        description=(
+            "Only on a digest's event (enrich.out.<digest>, CONTRACT §15): the window and group "
+            "whose members it digests; `handler` is then the digest's name."
+        ),
     )
 
 
@@ -290,6 +313,40 @@ class FileDoneEvent(BaseModel):
     at: datetime
 
 
+class DigestClosedEvent(BaseModel):
+    """A digest window with members closed: one event per group was published."""
+
+    digest: str
+    window_start: datetime
+    window_end: datetime
+    groups: int = Field(ge=1)
+    members: int = Field(ge=1)
+    errors: int = Field(ge=0, description="Groups whose digest ended in an error event.")
+    instance: str = Field(description="The replica that ran the window.")
+
+
+class DigestFailedEvent(BaseModel):
+    """A digest of one window and group failed for good: an error event and a DLQ entry were published."""
+
+    digest: str
+    window_start: datetime
+    window_end: datetime
+    group: str | None
+    members: int = Field(ge=1)
+    error: ErrorInfo
+    instance: str
+
+
+class DigestSkippedEvent(BaseModel):
+    """More windows closed while no daemon ran than `digests.max_backlog`: the older ones were skipped."""
+
+    digest: str
+    from_: datetime = Field(alias="from", description="The first window start skipped.")
+    to: datetime = Field(description="The first window run again.")
+    max_backlog: int = Field(ge=1)
+    instance: str
+
+
 # Lifecycle topics on `<prefix>.events.<topic>` (CONTRACT §1) and their payloads.
 LIFECYCLE_EVENTS: dict[str, type[BaseModel]] = {
     "batch.submitted": BatchEvent,
@@ -300,4 +357,7 @@ LIFECYCLE_EVENTS: dict[str, type[BaseModel]] = {
     "budget.exceeded": BudgetExceededEvent,
     "alert": AlertEvent,
     "file.done": FileDoneEvent,
+    "digest.closed": DigestClosedEvent,
+    "digest.failed": DigestFailedEvent,
+    "digest.skipped": DigestSkippedEvent,
 }

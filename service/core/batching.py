@@ -3,12 +3,15 @@
 A buffer flushes when any threshold is reached (``max_items``, ``max_bytes``, age of the
 oldest item ≥ ``max_wait_s``), but only inside a flush window when windows are set.
 Windows are cron-like, five fields ``minute hour day-of-month month day-of-week``
-(``*``, ``a-b``, ``*/n``, ``a-b/n`` and lists ``a,b``; day-of-week 0-6, 0 = Sunday)."""
+(``*``, ``a-b``, ``*/n``, ``a-b/n`` and lists ``a,b``; day-of-week 0-7, 0 and 7 = Sunday;
+names ``JAN``-``DEC`` and ``SUN``-``SAT`` in any case). The same expression is a digest's
+``schedule`` (service/core/schedules.py), read there as fire times (:meth:`Window.fires`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 PROVIDER_MAX_ITEMS = 50_000
 PROVIDER_MAX_BYTES = 200_000_000
@@ -18,13 +21,27 @@ class WindowError(ValueError):
     """A window expression that cannot be parsed."""
 
 
-_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
+_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _NAMES = ("minute", "hour", "day-of-month", "month", "day-of-week")
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_WEEKDAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+_WORDS = {
+    "month": {n: str(i + 1) for i, n in enumerate(_MONTHS)},
+    "day-of-week": {n: str(i) for i, n in enumerate(_WEEKDAYS)},
+}
+_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def _numbers(text: str, name: str) -> str:
+    """``MON-FRI`` as ``1-5``, ``JAN,JUL`` as ``1,7``; any other word is left for the
+    field parser to refuse."""
+    words = _WORDS.get(name, {})
+    return _WORD_RE.sub(lambda m: words.get(m.group().upper(), m.group()), text)
 
 
 def _parse_field(text: str, low: int, high: int, name: str) -> frozenset[int]:
     values: set[int] = set()
-    for part in text.split(","):
+    for part in _numbers(text, name).split(","):
         step = 1
         if "/" in part:
             part, step_text = part.split("/", 1)
@@ -45,6 +62,8 @@ def _parse_field(text: str, low: int, high: int, name: str) -> frozenset[int]:
         if not (low <= start <= end <= high):
             raise WindowError(f"{name} field {text!r} is outside {low}-{high}")
         values.update(range(start, end + 1, step))
+    if name == "day-of-week" and 7 in values:  # 7 is Sunday too
+        values = (values - {7}) | {0}
     return frozenset(values)
 
 
@@ -55,6 +74,9 @@ class Window:
     days: frozenset[int]
     months: frozenset[int]
     weekdays: frozenset[int]
+    # Whether day-of-month / day-of-week were written as ``*`` (cron's rule in fires()).
+    any_day: bool = True
+    any_weekday: bool = True
 
     @classmethod
     def parse(cls, expr: str) -> Window:
@@ -62,7 +84,28 @@ class Window:
         if len(fields) != 5:
             raise WindowError(f"window {expr!r} needs five fields: minute hour day month weekday")
         parsed = [_parse_field(f, lo, hi, n) for f, (lo, hi), n in zip(fields, _RANGES, _NAMES, strict=True)]
-        return cls(*parsed)
+        minutes, hours, days, months, weekdays = parsed
+        return cls(
+            minutes,
+            hours,
+            days,
+            months,
+            weekdays,
+            any_day=fields[2].startswith("*"),
+            any_weekday=fields[4].startswith("*"),
+        )
+
+    def fires_on(self, day: date) -> bool:
+        """Whether a cron schedule with these fields fires on ``day`` (at some minute):
+        as in cron, when both day-of-month and day-of-week are restricted, either one
+        matching is enough."""
+        if day.month not in self.months:
+            return False
+        dom = day.day in self.days
+        dow = (day.weekday() + 1) % 7 in self.weekdays
+        if not self.any_day and not self.any_weekday:
+            return dom or dow
+        return dom and dow
 
     def contains(self, ts: datetime) -> bool:
         weekday = (ts.weekday() + 1) % 7  # Python: Monday=0; cron: Sunday=0

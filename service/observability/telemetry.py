@@ -44,6 +44,16 @@ class Metrics:
         self.rate_limit_wait = meter.create_counter(
             "enrichd.ratelimit.wait", unit="s", description="Time spent waiting for the shared rate limit"
         )
+        # Digests (CONTRACT §15): windows closed (outcome ok, error, empty), members, calls.
+        self.digest_windows = meter.create_counter(
+            "enrichd.digest.windows", unit="1", description="Digest windows closed, by digest and outcome"
+        )
+        self.digest_members = meter.create_counter(
+            "enrichd.digest.members", unit="1", description="Members of the digest windows closed, by digest"
+        )
+        self.digest_calls = meter.create_counter(
+            "enrichd.digest.calls", unit="1", description="Digest handler calls, by digest and cached"
+        )
         self._gauges: dict[str, Callable[[], Iterable[tuple[float, dict[str, str]]]]] = {}
         # Called with every result event (e.g. today's tallies for `enrichd status`).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -170,6 +180,19 @@ def register_state_gauges(metrics: Metrics, batcher: BatcherView, inflight: Call
         "Intake items being processed by this replica",
         lambda: [(float(inflight()), {})],
     )
+
+
+def register_digest_gauges(
+    metrics: Metrics, windows: Callable[[], Mapping[str, tuple[datetime, datetime]]]
+) -> None:
+    """Seconds until each digest's open window ends (negative: overdue, e.g. a backlog
+    being run or a window waiting for budget), read at scrape time."""
+
+    def closes_in() -> list[tuple[float, dict[str, str]]]:
+        now = datetime.now(UTC)
+        return [((end - now).total_seconds(), {"digest": name}) for name, (_, end) in windows().items()]
+
+    metrics.gauge("enrichd.digest.closes_in", "Seconds until the digest's open window ends", closes_in)
 
 
 def otlp_configured(signal: str) -> bool:

@@ -84,3 +84,21 @@ async def open_kv(js: JetStreamContext, name: str, *, replicas: int, ttl_s: floa
         return await js.create_key_value(
             KeyValueConfig(bucket=name, history=1, ttl=ttl_s, replicas=replicas, storage=StorageType.FILE)
         )
+
+
+async def keep_at_least(js: JetStreamContext, stream: str, min_age_s: float) -> float:
+    """Make ``stream`` keep messages at least ``min_age_s`` (raise its ``max_age`` when it
+    is shorter; never lower it, and leave an unlimited one alone). Returns the max_age in
+    force, 0 for unlimited."""
+    info = await js.stream_info(stream)
+    config = info.config
+    current = float(config.max_age or 0.0)
+    if current == 0.0 or current >= min_age_s:
+        return current
+    config.max_age = min_age_s
+    await js.update_stream(config)
+    log.info(
+        "raised the stream's max_age for the digests' windows",
+        extra={"stream": stream, "max_age_s": min_age_s, "was_s": current},
+    )
+    return min_age_s

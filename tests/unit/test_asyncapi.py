@@ -36,6 +36,9 @@ CONTRACT_TOPICS = {
     "budget.exceeded",
     "alert",
     "file.done",
+    "digest.closed",
+    "digest.failed",
+    "digest.skipped",
 }
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 T1 = datetime(2026, 11, 22, 10, 41, 7, tzinfo=UTC)
