@@ -204,6 +204,8 @@ def test_the_worked_example_config_loads() -> None:
     triage = settings.pipeline_specs["triage"]
     assert triage.handlers == ("extract", "classify_mail", "draft_reply")
     assert triage.steps[2].when[0].holds({"classify_mail": {"label": "complaint"}})
+    [review] = settings.digest_specs.specs
+    assert (review.name, review.source, review.handler) == ("weekly_review", "triage", "review")
 
 
 def test_a_next_step_too_large_for_nats_ends_the_item_naming_that_step() -> None:
