@@ -18,18 +18,18 @@ from opentelemetry.trace import SpanKind
 from handlers import HandlerSpec
 from service import failpoints
 from service.aio import reraise_if_cancelled
+from service.batch.chain_out import StepOut
 from service.batch.held import HeldCopies
 from service.batch.lease import Leases
 from service.batch.ports import Promotions
-from service.batch.records import event_body, record_token
+from service.batch.records import carried_usage, event_body, record_token
 from service.batch.spend import Spend
 from service.contract.subjects import Subjects
-from service.core import chain as chain_core
 from service.core import endings
 from service.core.batch_info import BatchInfo
 from service.core.batch_outcomes import Action, Fail, Ok, Retry
-from service.core.chain import ChainState, PipelineSpec
-from service.core.cost import Price, Usage, cost_usd, price_for
+from service.core.chain import PipelineSpec
+from service.core.cost import Price, cost_usd, price_for
 from service.core.events import DEFAULT_MAX_MESSAGE_BYTES, Outcome
 from service.core.flush_plan import PACK_FIELDS
 from service.observability import tracing
@@ -74,7 +74,6 @@ class Publisher:
         pipelines: Mapping[str, PipelineSpec] | None = None,
     ) -> None:
         self.registry = registry or {}
-        self.pipelines = pipelines or {}
         self.promotions = promotions
         self.js = js
         self.subjects = subjects
@@ -97,6 +96,15 @@ class Publisher:
         self.results_chunk = results_chunk
         self.max_message_bytes = max_message_bytes  # the server's max_payload, less headers
         self.calendar = calendar
+        self.steps = StepOut(
+            subjects=subjects,
+            results=results,
+            redact=redact,
+            pipelines=pipelines or {},
+            metrics=metrics,
+            calendar=calendar,
+            max_message_bytes=max_message_bytes,
+        )
 
     def _version(self, handler: str) -> str | None:
         """The handler's version now: a stored answer counts only under it (a handler
@@ -140,8 +148,8 @@ class Publisher:
                 seen = {**ending.event, "step_of": r["chain"]["pipeline"]} if r.get("chain") else ending.event
                 self.metrics.outcome(seen, (now - received).total_seconds())
             answered.append(m)
-            if self._chain_of(r) is not None:  # a pipeline step: on to what follows it
-                messages.extend(self.after_step(r, ending.event))
+            if self.steps.state_of(r) is not None:  # a pipeline step: on to what follows it
+                messages.extend(self.steps.after(r, ending.event))
                 continue
             payload = self.redact(dumps(ending.event)).encode()
             messages.append((self.subjects.out(r["handler"]), payload, ending.headers))
@@ -318,7 +326,7 @@ class Publisher:
                 handler, data["id"], event_json, intake_seq=item.get("intake_seq")
             )
             out.append((subject, payload, {}))
-        step = self._chain_of(item) is not None
+        step = self.steps.state_of(item) is not None
         if not isinstance(action, Ok):
             assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
             if not step:  # (a pipeline's DLQ entry is its final ending's)
@@ -333,7 +341,7 @@ class Publisher:
             # A pipeline step: its answer stored (above), then the next step's message or
             # the pipeline's final ending instead of a result event of its own. A restart
             # resends these from the checkpoint under the same ids.
-            return out + self.after_step(item, event)
+            return out + self.steps.after(item, event)
         headers = ending.headers
         if tracing.enabled(self.tracer):
             # The far side of the batch hop: continue the item's trace from its intake span.
@@ -367,63 +375,6 @@ class Publisher:
         msg_id = f"{item['handler']}:{item['item']['id']}:{item['intake_seq']}:b{again['batch_attempts']}"
         return (token, dumps(again).encode(), {"Nats-Msg-Id": msg_id})
 
-    def _chain_of(self, record: dict[str, Any]) -> ChainState | None:
-        """A pipeline step's state (None for a plain item, or one of a pipeline no longer
-        configured: its step's answer is then published as the handler's own)."""
-        chain = record.get("chain")
-        if not chain or chain.get("pipeline") not in self.pipelines:
-            return None
-        return ChainState.from_dict(chain, record["item"])
-
-    def after_step(self, record: dict[str, Any], step_event: dict[str, Any]) -> list[Message]:
-        """What follows a batched pipeline step that ended with ``step_event``: the next
-        step's message on ``<prefix>.in.<pipeline>``, or the pipeline's final ending (its
-        event, and its stored answer or its DLQ entry) — service/core/chain.py."""
-        state = self._chain_of(record)
-        assert state is not None
-        pipeline = self.pipelines[state.pipeline]
-        after = chain_core.after_step(pipeline, state, step_event, now=self.calendar())
-        if isinstance(after, chain_core.NextStep):
-            body = self.redact(dumps(after.state.envelope())).encode()
-            if len(body) <= self.max_message_bytes:
-                return [(self.subjects.intake(pipeline.name), body, {"Nats-Msg-Id": after.msg_id})]
-            after = chain_core.too_large(
-                pipeline, after.state, len(body), self.max_message_bytes, now=self.calendar()
-            )
-        ending = endings.end(
-            after.outcome,
-            intake_seq=state.origin_seq,
-            subject=self.subjects.intake_prefix + pipeline.name,
-            item=state.item,
-            raw=None,
-            encode=lambda e: self.redact(dumps(e)).encode(),
-            max_dlq_bytes=self.max_message_bytes,
-            header_on_error=False,
-            extra=after.extra,
-        )
-        out: list[Message] = []
-        event_json = dumps(ending.event)
-        if after.outcome.ok:
-            out.append(
-                (
-                    *self.results.put_message_json(
-                        pipeline.name, state.item["id"], event_json, intake_seq=state.origin_seq
-                    ),
-                    {},
-                )
-            )
-        else:
-            assert ending.dlq_payload is not None and ending.dlq_msg_id is not None
-            out.append(
-                (self.subjects.dlq(pipeline.name), ending.dlq_payload, {"Nats-Msg-Id": ending.dlq_msg_id})
-            )
-            log.log(ending.log_level, ending.log_message, extra=ending.log_fields)
-        self.metrics.outcome(
-            ending.event, (after.outcome.completed_at - after.outcome.received_at).total_seconds()
-        )
-        out.append((self.subjects.out(pipeline.name), self.redact(event_json).encode(), ending.headers))
-        return out
-
     async def send_nowait(self, messages: list[Message]) -> list[Any]:
         return [await self.js.publish_async(s, p, headers=h or None) for s, p, h in messages]
 
@@ -437,16 +388,3 @@ class Publisher:
         for ack, (subject, payload, headers) in zip(results, messages, strict=True):
             if headers and INTAKE_SEQ_HEADER in headers and getattr(ack, "duplicate", False):
                 await keep_second_answer(self.js, self.subjects, ack, subject, payload, headers)
-
-
-def carried_usage(item: dict[str, Any]) -> Usage:
-    """What earlier batches spent on a buffered item: its share of a pack that did not
-    answer it (``carried_usage``, set when it was sent back alone)."""
-    carried = item.get("carried_usage")
-    if not isinstance(carried, dict):
-        return Usage(0, 0)
-    return Usage(
-        int(carried.get("input_tokens", 0)),
-        int(carried.get("output_tokens", 0)),
-        int(carried.get("cached_tokens", 0)),
-    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from service.core.cost import Usage
 from service.core.events import iso
 from service.core.routing import BufferKey
 from service.state.batches import BatchRecord
@@ -24,3 +25,16 @@ def event_body(record: BatchRecord, now_s: float) -> dict[str, Any]:
 def record_token(record: BatchRecord) -> str:
     """The buffer subject token of the record's (provider, endpoint, model)."""
     return BufferKey(record.provider, record.endpoint, record.model).subject_token()
+
+
+def carried_usage(item: dict[str, Any]) -> Usage:
+    """What earlier batches spent on a buffered item: its share of a pack that did not
+    answer it (``carried_usage``, set when it was sent back alone)."""
+    carried = item.get("carried_usage")
+    if not isinstance(carried, dict):
+        return Usage(0, 0)
+    return Usage(
+        int(carried.get("input_tokens", 0)),
+        int(carried.get("output_tokens", 0)),
+        int(carried.get("cached_tokens", 0)),
+    )

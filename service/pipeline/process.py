@@ -17,7 +17,6 @@ from typing import Any
 from opentelemetry import trace
 
 from handlers import HandlerSpec
-from service import failpoints
 from service.core import endings
 from service.core.budget import seconds_until_next_day
 from service.core.cost import supports_flex
@@ -31,7 +30,6 @@ from service.core.intake import (
     buffer_record,
     buffer_write,
     prepare,
-    too_large_to_buffer,
 )
 from service.core.items import Item
 from service.core.routing import (
@@ -44,6 +42,7 @@ from service.core.routing import (
 )
 from service.observability import telemetry, tracing
 from service.observability.telemetry import Metrics
+from service.pipeline.buffering import Buffering
 from service.pipeline.chained import Chained
 from service.pipeline.config import Clock, PipelineConfig, utcnow
 from service.pipeline.counters import Counters
@@ -90,7 +89,6 @@ class Pipeline:
         self.tracer: trace.Tracer = tracer or trace.NoOpTracer()
         self.counters = Counters()
         self._metrics = metrics or telemetry.build(False)[0]
-        self._on_buffered = on_buffered
         self._budget_recheck_s = budget_recheck_s
         self._sync_call = SyncCall(
             provider=provider,
@@ -156,6 +154,10 @@ class Pipeline:
                 finish=self._finish,
             )
             self.promoter = Promoter(answer=answer, marks=marks, rules=config.rules, clock=clock)
+        self._buffering = Buffering(
+            config=config, sink=sink, counters=self.counters, tracer=self.tracer, on_buffered=on_buffered
+        )
+        self._buffering.promoter = self.promoter
         # (handler, id) -> the call in flight and the intake sequence it answers
         self._sync_flights: dict[
             tuple[str, str], tuple[asyncio.Future[dict[str, Any] | None], int | None]
@@ -190,16 +192,8 @@ class Pipeline:
             return prepared  # process() ends it as item_too_large
         if not tracing.enabled(self.tracer):
             return write
-        # Traced: the same path, with the spans of _buffer under the source's intake span.
-        trace.get_current_span().set_attributes(tracing.item_attributes(item.id, item.handler, route="batch"))
-        spec = self.config.registry[prepared.handler]
-        attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
-        with tracing.span(self.tracer, "enrich.buffer", attributes):
-            traced = buffer_write(
-                intake, item, decision, traceparent=tracing.current_traceparent(), chain=prepared.chain
-            )
-        # the traceparent makes it a little longer: too long now, it is ended per item
-        return traced if len(traced.payload) <= self.config.max_message_bytes else prepared
+        traced = self._buffering.traced_write(prepared, decision)
+        return traced if traced is not None else prepared
 
     async def buffer_many(self, writes: list[BufferWrite]) -> list[bool]:
         """Publish buffer messages from :meth:`buffer_now`; True for each one JetStream
@@ -207,7 +201,7 @@ class Pipeline:
         self.counters.received += len(writes)
         for handler, count in collections.Counter(w.handler for w in writes).items():
             self._metrics.received.add(count, {"handler": handler})  # once per handler: ~6 µs a call
-        return await self._store_buffered(writes)
+        return await self._buffering.store(writes)
 
     async def process(self, intake: Intake | Prepared, *, force_sync: bool = False) -> dict[str, Any] | None:
         """Handle one intake message completely: when this returns, its result event (or
@@ -243,7 +237,7 @@ class Pipeline:
                 tracing.item_attributes(item.id, item.handler, route="batch" if batched else "sync")
             )
         if isinstance(decision, BatchRoute) and batched:
-            return await self._buffer(prepared, spec, decision)
+            return await self._buffering.buffer(prepared, spec, decision, self._finish_bad)
         tier = "flex" if isinstance(decision, FlexRoute) and not force_sync else "sync"
         return await self._single_flight(prepared, spec, body, force_sync=force_sync, route=tier)
 
@@ -346,7 +340,7 @@ class Pipeline:
             if not force_sync and item.priority not in ("urgent", "high"):
                 # Deadline work that the sync budget cannot pay for goes the cheaper way.
                 key = BufferKey(self.config.rules.provider, spec.endpoint, spec.model)
-                return await self._buffer(prepared, spec, BatchRoute(key))
+                return await self._buffering.buffer(prepared, spec, BatchRoute(key), self._finish_bad)
             if force_sync:
                 outcome = Outcome(
                     id=item.id,
@@ -382,46 +376,6 @@ class Pipeline:
             outcome = dataclasses.replace(outcome, handler_version=spec.version if spec else None)
             return await self._finish.finish(outcome, item=prepared.item, intake=intake, chain=prepared.chain)
         return await self._finish.finish(outcome, item=prepared.item, intake=intake)
-
-    # -- the batch route ------------------------------------------------------------------
-
-    async def _buffer(
-        self, prepared: Prepared, spec: HandlerSpec, decision: BatchRoute
-    ) -> dict[str, Any] | None:
-        """Buffer a batch-routed item (None), or end it as ``item_too_large`` when its
-        buffer message would not fit a NATS message (its event)."""
-        item = prepared.item
-        assert item is not None
-        attributes = lambda: tracing.item_attributes(item.id, item.handler, model=spec.model)  # noqa: E731
-        with tracing.span(self.tracer, "enrich.buffer", attributes):
-            # The batch hop: the result span will continue this trace (see service/tracing.py).
-            write = buffer_write(
-                prepared.intake,
-                item,
-                decision,
-                traceparent=tracing.current_traceparent(),
-                chain=prepared.chain,
-            )
-            if len(write.payload) > self.config.max_message_bytes:
-                return await self._finish_bad(
-                    prepared, too_large_to_buffer(len(write.payload), self.config.max_message_bytes)
-                )
-            [stored] = await self._store_buffered([write])
-        if not stored:  # the source NAKs the intake message: it comes back later
-            raise RuntimeError(f"buffer write for {item.handler}:{item.id} was not stored")
-        return None
-
-    async def _store_buffered(self, writes: list[BufferWrite]) -> list[bool]:
-        stored = await self.sink.buffer_many(writes)
-        for write, ok in zip(writes, stored, strict=True):
-            if ok:
-                self.counters.buffered += 1
-                if write.deadline is not None and self.promoter is not None:
-                    self.promoter.buffered(write.payload, write.deadline)
-                failpoints.hit("after_buffer")  # buffered, intake not yet acked
-        if self._on_buffered is not None and any(stored):
-            self._on_buffered()
-        return stored
 
 
 def _starts_pipeline(prepared: Prepared) -> bool:
