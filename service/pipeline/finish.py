@@ -82,9 +82,14 @@ class Finish:
             max_dlq_bytes=self._sink.max_bytes,
             request_id=uuid.uuid4().hex if intake.seq is None else None,
         )
+        return await self._write(outcome, ending, intake.seq)
+
+    async def _write(self, outcome: Outcome, ending: endings.Ending, seq: int | None) -> dict[str, Any]:
+        """Store (ok) or dead-letter (error) and publish the result event (not for a sync
+        request: no intake ``seq``), together; then metrics, alert and the log line."""
         writes: list[Coroutine[Any, Any, None]] = []
         if outcome.ok:
-            writes.append(self._store.put(ending.event, intake_seq=intake.seq))
+            writes.append(self._store.put(ending.event, intake_seq=seq))
             self._counters.ok += 1
         else:
             assert outcome.error is not None and ending.dlq_payload is not None and ending.dlq_msg_id
@@ -93,7 +98,7 @@ class Finish:
             by_code[outcome.error.code] = by_code.get(outcome.error.code, 0) + 1
             writes.append(self._sink.dlq(outcome.handler, ending.dlq_payload, msg_id=ending.dlq_msg_id))
             log.log(ending.log_level, ending.log_message, extra=ending.log_fields)
-        if intake.seq is not None:
+        if seq is not None:
             writes.append(self._sink.result(ending.event, msg_id=ending.msg_id, intake_seq=ending.header_seq))
         await asyncio.gather(*writes)
         self._metrics.outcome(ending.event, (outcome.completed_at - outcome.received_at).total_seconds())
@@ -138,24 +143,7 @@ class Finish:
             request_id=request_id or (uuid.uuid4().hex if chain.origin_seq is None else None),
             extra=final.extra,
         )
-        writes: list[Coroutine[Any, Any, None]] = []
-        if outcome.ok:
-            writes.append(self._store.put(ending.event, intake_seq=chain.origin_seq))
-            self._counters.ok += 1
-        else:
-            assert outcome.error is not None and ending.dlq_payload is not None and ending.dlq_msg_id
-            self._counters.error += 1
-            by_code = self._counters.by_code
-            by_code[outcome.error.code] = by_code.get(outcome.error.code, 0) + 1
-            writes.append(self._sink.dlq(outcome.handler, ending.dlq_payload, msg_id=ending.dlq_msg_id))
-            log.log(ending.log_level, ending.log_message, extra=ending.log_fields)
-        if chain.origin_seq is not None:
-            writes.append(self._sink.result(ending.event, msg_id=ending.msg_id, intake_seq=ending.header_seq))
-        await asyncio.gather(*writes)
-        self._metrics.outcome(ending.event, (outcome.completed_at - outcome.received_at).total_seconds())
-        if self._alerts is not None:
-            self._alerts.outcome(ok=outcome.ok)
-        return ending.event
+        return await self._write(outcome, ending, chain.origin_seq)
 
     async def from_store(
         self, intake: Intake, item: Item, stored: StoredResult, *, chain: ChainState | None = None
