@@ -1,8 +1,9 @@
 """The digests' must-show (CONTRACT §15): THREE ``enrichd run`` replicas on one NATS, a
-digest every 30 s over 500 urgent results, one replica SIGKILLed mid-window (and
-restarted), then all three SIGKILLed mid-window for longer than a window (so a window
-closes while no daemon runs) and restarted. Checks every member is in exactly one digest
-event and there is one event per window; prints the figures as JSON.
+digest every 30 s over 500 urgent results in three mailboxes (one digest per window and
+group), one replica SIGKILLed mid-window (and restarted), then all three SIGKILLed
+mid-window for longer than a window (so a window closes while no daemon runs) and
+restarted. Checks every member is in exactly one digest event, of its own group, and
+there is one event per window and group; prints the figures as JSON.
 
     .venv/bin/python -m bench.digests_crash [--items 500] [--every 30s]
 
@@ -41,8 +42,10 @@ lease_s = 15
 [digests.every30]
 source = "tags"
 every = "{every}"
+group_by = "metadata.mailbox"
 handler = "review"
 """
+MAILBOXES = ("ops", "sales", "support")
 
 
 async def read_all(js: Any, stream: str, subject: str) -> list[Any]:
@@ -72,6 +75,7 @@ async def publish(js: Any, prefix: str, ids: list[str], spread_s: float) -> None
             "id": item_id,
             "text": f"result {item_id}: invoices, travel and a meeting",
             "priority": "urgent",
+            "metadata": {"mailbox": MAILBOXES[int(item_id[1:]) % len(MAILBOXES)]},
         }
         await js.publish(f"{prefix}.in.tags", json.dumps(body).encode())
         await asyncio.sleep(spread_s / max(1, len(ids)))
@@ -155,7 +159,13 @@ async def main(argv: list[str] | None = None) -> int:
         await emulator.stop()
         server.stop()
     seen = Counter(i for e in events for i in e["digest"]["member_ids"])
-    windows = Counter(e["digest"]["window_start"] for e in events)
+    windows = Counter((e["digest"]["window_start"], e["digest"]["group"]) for e in events)
+    wrong_group = sum(
+        1
+        for e in events
+        for i in e["digest"]["member_ids"]
+        if MAILBOXES[int(i[1:]) % len(MAILBOXES)] != e["digest"]["group"]
+    )
     closed_while_down = [
         e["digest"]["window_start"]
         for e in events
@@ -169,15 +179,20 @@ async def main(argv: list[str] | None = None) -> int:
         "source_result_events": len(results),
         "source_ids_answered": len({r["id"] for r in results if r["status"] == "ok"}),
         "digest_events": len(events),
-        "windows": len(windows),
+        "windows": len({w for w, _ in windows}),
+        "window_groups": len(windows),
+        "members_in_the_wrong_group": wrong_group,
         "members_total": sum(e["digest"]["members"] for e in events),
         "distinct_members": len(seen),
         "members_in_two_digests": sum(1 for v in seen.values() if v > 1),
         "members_missing": len(set(ids) - set(seen)),
-        "windows_with_two_events": sum(1 for v in windows.values() if v > 1),
+        "window_groups_with_two_events": sum(1 for v in windows.values() if v > 1),
         "windows_closed_while_all_down": closed_while_down,
         "digest_calls_paid": emulator.stats["requests_by_model"].get("gpt-4.1-nano", 0),
-        "per_window": [[e["digest"]["window_start"], e["digest"]["members"], e["attempts"]] for e in events],
+        "per_window": [
+            [e["digest"]["window_start"], e["digest"]["group"], e["digest"]["members"], e["attempts"]]
+            for e in events
+        ],
         "exit_codes": codes,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
@@ -185,7 +200,8 @@ async def main(argv: list[str] | None = None) -> int:
     ok = (
         figures["members_missing"] == 0
         and figures["members_in_two_digests"] == 0
-        and figures["windows_with_two_events"] == 0
+        and figures["window_groups_with_two_events"] == 0
+        and wrong_group == 0
         and bool(closed_while_down)
     )
     print("PASS" if ok else "FAIL", file=sys.stderr)
