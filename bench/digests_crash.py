@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from devkit.nats import NatsServer
+from devkit.nats import NatsServer, read_all
 from devkit.process import DaemonProcess
 
 KEY = "sk-bench-digests"
@@ -46,27 +45,6 @@ group_by = "metadata.mailbox"
 handler = "review"
 """
 MAILBOXES = ("ops", "sales", "support")
-
-
-async def read_all(js: Any, stream: str, subject: str) -> list[Any]:
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30
-        ),
-    )
-    out: list[Any] = []
-    try:
-        pending = (await sub.consumer_info()).num_pending
-        while len(out) < pending:
-            try:
-                out.extend(await sub.fetch(min(500, pending - len(out)), timeout=2.0))
-            except (TimeoutError, nats.errors.TimeoutError):
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
 
 
 async def publish(js: Any, prefix: str, ids: list[str], spread_s: float) -> None:

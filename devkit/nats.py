@@ -8,6 +8,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from service.broker.embedded import find_binary
 
@@ -55,3 +59,25 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+async def read_all(js: Any, stream: str, subject: str) -> list[Any]:
+    """Every message on ``subject`` now in ``stream`` (an ephemeral consumer, no acks)."""
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30
+        ),
+    )
+    out: list[Any] = []
+    try:
+        pending = (await sub.consumer_info()).num_pending
+        while len(out) < pending:
+            try:
+                out.extend(await sub.fetch(min(500, pending - len(out)), timeout=2.0))
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+    finally:
+        await sub.unsubscribe()
+    return out

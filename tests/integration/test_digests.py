@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from devkit.nats import read_all
 from devkit.process import DaemonProcess
 from service.cli.status import collect, render
 from service.contract.asyncapi import build_document
@@ -28,28 +27,6 @@ REVIEW = {
     "prompt": "Review these {count} results ({window_start} to {window_end}, {group}):\n{items}",
     "max_output_tokens": 60,
 }
-
-
-async def read_all(js: JetStreamContext, stream: str, subject: str) -> list[Any]:
-    """Every message on ``subject`` now in ``stream`` (an ephemeral consumer, no acks)."""
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30
-        ),
-    )
-    out: list[Any] = []
-    try:
-        pending = (await sub.consumer_info()).num_pending
-        while len(out) < pending:
-            try:
-                out.extend(await sub.fetch(min(500, pending - len(out)), timeout=2.0))
-            except (TimeoutError, nats.errors.TimeoutError):
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
 
 
 async def wait_members(
